@@ -1,0 +1,484 @@
+//! cgroup v1 and v2: detected at run time. A sandbox's cgroup nests under moat's own cgroup
+//! (so limits put on moat, e.g. by a test or a systemd unit, bound its sandboxes too).
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Which cgroup hierarchy the host runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    V1,
+    V2,
+}
+
+impl Version {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Version::V1 => "v1",
+            Version::V2 => "v2",
+        }
+    }
+}
+
+/// A controller moat uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Controller {
+    Memory,
+    Pids,
+    Cpu,
+}
+
+impl Controller {
+    pub const ALL: [Controller; 3] = [Controller::Memory, Controller::Pids, Controller::Cpu];
+    pub fn name(self) -> &'static str {
+        match self {
+            Controller::Memory => "memory",
+            Controller::Pids => "pids",
+            Controller::Cpu => "cpu",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no usable cgroup hierarchy: {0}")]
+    Unavailable(String),
+    #[error("cgroup {path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> CgroupError {
+    let path = path.to_path_buf();
+    move |source| CgroupError::Io { path, op, source }
+}
+
+/// Where each controller can be managed from this process.
+#[derive(Clone, Debug)]
+pub struct Host {
+    pub version: Version,
+    /// v1: one parent directory per controller (moat's own cgroup in that hierarchy).
+    /// v2: the same directory for every controller.
+    pub parents: Vec<(Controller, PathBuf)>,
+    /// Controllers that are missing or not writable here, with the reason.
+    pub missing: Vec<(Controller, String)>,
+}
+
+struct MountEntry {
+    root: String,
+    mount_point: String,
+    fstype: String,
+    super_opts: String,
+}
+
+fn mountinfo() -> Vec<MountEntry> {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let lf: Vec<&str> = left.split(' ').collect();
+            let rf: Vec<&str> = right.split(' ').collect();
+            Some(MountEntry {
+                root: lf.get(3)?.to_string(),
+                mount_point: unescape(lf.get(4)?),
+                fstype: rf.first()?.to_string(),
+                super_opts: rf.get(2).unwrap_or(&"").to_string(),
+            })
+        })
+        .collect()
+}
+
+fn unescape(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// This process's cgroup paths: (hierarchy id, controllers, path).
+fn self_cgroups() -> Vec<(String, Vec<String>, String)> {
+    let text = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(3, ':');
+            let id = it.next()?.to_string();
+            let ctrls = it
+                .next()?
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect();
+            Some((id, ctrls, it.next()?.to_string()))
+        })
+        .collect()
+}
+
+fn join_rel(base: &str, rel: &str, mount_root: &str) -> PathBuf {
+    // The path in /proc/self/cgroup is relative to the hierarchy's root; the mount may show a
+    // subtree (mount_root) of it, as in a container.
+    let rel = rel.strip_prefix(mount_root).unwrap_or(rel);
+    let mut p = PathBuf::from(base);
+    for c in rel.split('/').filter(|c| !c.is_empty()) {
+        p.push(c);
+    }
+    p
+}
+
+fn writable(dir: &Path) -> bool {
+    let c = match std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) {
+        Ok(c) => c,
+        Err(_) => return false,
+    };
+    moat_sys::fs::access_w(&c)
+}
+
+impl Host {
+    /// Detects the hierarchy and where this process may create sandbox cgroups.
+    pub fn detect() -> Host {
+        let mounts = mountinfo();
+        let selfs = self_cgroups();
+        let v2_mount = mounts.iter().find(|m| m.fstype == "cgroup2");
+        let v1_mounts: Vec<&MountEntry> = mounts.iter().filter(|m| m.fstype == "cgroup").collect();
+        // A pure v2 host, or a hybrid one whose v2 tree has the controllers.
+        if let Some(m2) = v2_mount {
+            let own = selfs
+                .iter()
+                .find(|(id, _, _)| id == "0")
+                .map(|(_, _, p)| p.clone());
+            let v2_has_controllers = own.as_ref().is_some_and(|own| {
+                let dir = join_rel(&m2.mount_point, own, &m2.root);
+                let ctrls = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+                ctrls.split_whitespace().any(|c| c == "memory")
+            });
+            if v1_mounts.is_empty() || v2_has_controllers {
+                let mut host = Host {
+                    version: Version::V2,
+                    parents: Vec::new(),
+                    missing: Vec::new(),
+                };
+                let Some(own) = own else {
+                    for c in Controller::ALL {
+                        host.missing
+                            .push((c, "this process is in no cgroup v2".into()));
+                    }
+                    return host;
+                };
+                let dir = join_rel(&m2.mount_point, &own, &m2.root);
+                let ctrls = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+                for c in Controller::ALL {
+                    if !ctrls.split_whitespace().any(|x| x == c.name()) {
+                        host.missing.push((
+                            c,
+                            format!(
+                                "controller `{}` is not delegated to {}",
+                                c.name(),
+                                dir.display()
+                            ),
+                        ));
+                    } else if !writable(&dir) {
+                        host.missing.push((
+                            c,
+                            format!(
+                                "{} is not writable by this user (no delegation)",
+                                dir.display()
+                            ),
+                        ));
+                    } else {
+                        host.parents.push((c, dir.clone()));
+                    }
+                }
+                return host;
+            }
+        }
+        let mut host = Host {
+            version: Version::V1,
+            parents: Vec::new(),
+            missing: Vec::new(),
+        };
+        for c in Controller::ALL {
+            let mount = v1_mounts
+                .iter()
+                .find(|m| m.super_opts.split(',').any(|o| o == c.name()));
+            let own = selfs
+                .iter()
+                .find(|(_, ctrls, _)| ctrls.iter().any(|x| x == c.name()));
+            match (mount, own) {
+                (Some(m), Some((_, _, p))) => {
+                    let dir = join_rel(&m.mount_point, p, &m.root);
+                    if writable(&dir) {
+                        host.parents.push((c, dir));
+                    } else {
+                        host.missing
+                            .push((c, format!("{} is not writable by this user", dir.display())));
+                    }
+                }
+                _ => host
+                    .missing
+                    .push((c, format!("the `{}` controller is not mounted", c.name()))),
+            }
+        }
+        host
+    }
+}
+
+/// Limits to apply.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub memory: u64,
+    pub pids: u64,
+    pub cpus: f64,
+}
+
+/// One sandbox's cgroup (one directory per v1 hierarchy, or one v2 directory).
+#[derive(Debug)]
+pub struct Cgroup {
+    pub version: Version,
+    dirs: Vec<(Controller, PathBuf)>,
+}
+
+fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    fs::write(path, value).map_err(io_err(path, "write"))
+}
+
+impl Cgroup {
+    /// Creates `name` under each usable parent and applies the limits.
+    pub fn create(host: &Host, name: &str, limits: Limits) -> Result<Cgroup, CgroupError> {
+        if host.parents.is_empty() {
+            return Err(CgroupError::Unavailable(
+                host.missing
+                    .iter()
+                    .map(|(_, r)| r.clone())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ));
+        }
+        let mut cg = Cgroup {
+            version: host.version,
+            dirs: Vec::new(),
+        };
+        match host.version {
+            Version::V1 => {
+                for (c, parent) in &host.parents {
+                    let dir = parent.join(name);
+                    fs::create_dir(&dir).map_err(io_err(&dir, "mkdir"))?;
+                    cg.dirs.push((*c, dir));
+                }
+            }
+            Version::V2 => {
+                let parent = &host.parents[0].1;
+                enable_v2_controllers(parent, &host.parents)?;
+                let dir = parent.join(name);
+                fs::create_dir(&dir).map_err(io_err(&dir, "mkdir"))?;
+                for (c, _) in &host.parents {
+                    cg.dirs.push((*c, dir.clone()));
+                }
+            }
+        }
+        if let Err(e) = cg.apply(limits) {
+            cg.destroy();
+            return Err(e);
+        }
+        Ok(cg)
+    }
+
+    fn dir(&self, c: Controller) -> Option<&Path> {
+        self.dirs
+            .iter()
+            .find(|(x, _)| *x == c)
+            .map(|(_, d)| d.as_path())
+    }
+
+    fn apply(&self, l: Limits) -> Result<(), CgroupError> {
+        let period: u64 = 100_000;
+        let quota = ((l.cpus * period as f64) as u64).max(1000);
+        match self.version {
+            Version::V1 => {
+                if let Some(d) = self.dir(Controller::Memory) {
+                    write(&d.join("memory.limit_in_bytes"), &l.memory.to_string())?;
+                    let memsw = d.join("memory.memsw.limit_in_bytes");
+                    if memsw.exists() {
+                        write(&memsw, &l.memory.to_string())?;
+                    }
+                    let _ = fs::write(d.join("memory.swappiness"), "0");
+                }
+                if let Some(d) = self.dir(Controller::Pids) {
+                    write(&d.join("pids.max"), &l.pids.to_string())?;
+                }
+                if let Some(d) = self.dir(Controller::Cpu) {
+                    write(&d.join("cpu.cfs_period_us"), &period.to_string())?;
+                    write(&d.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                }
+            }
+            Version::V2 => {
+                if let Some(d) = self.dir(Controller::Memory) {
+                    write(&d.join("memory.max"), &l.memory.to_string())?;
+                    let swap = d.join("memory.swap.max");
+                    if swap.exists() {
+                        write(&swap, "0")?;
+                    }
+                    let _ = fs::write(d.join("memory.oom.group"), "1");
+                }
+                if let Some(d) = self.dir(Controller::Pids) {
+                    write(&d.join("pids.max"), &l.pids.to_string())?;
+                }
+                if let Some(d) = self.dir(Controller::Cpu) {
+                    write(&d.join("cpu.max"), &format!("{quota} {period}"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves `pid` into the cgroup (every hierarchy).
+    pub fn add(&self, pid: libc::pid_t) -> Result<(), CgroupError> {
+        let mut done: Vec<&Path> = Vec::new();
+        for (_, d) in &self.dirs {
+            if done.contains(&d.as_path()) {
+                continue;
+            }
+            write(&d.join("cgroup.procs"), &pid.to_string())?;
+            done.push(d);
+        }
+        Ok(())
+    }
+
+    /// How many times the kernel's OOM killer killed a process in this cgroup.
+    pub fn oom_kills(&self) -> u64 {
+        let Some(d) = self.dir(Controller::Memory) else {
+            return 0;
+        };
+        let file = match self.version {
+            Version::V1 => d.join("memory.oom_control"),
+            Version::V2 => d.join("memory.events"),
+        };
+        fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("oom_kill ")
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// Peak memory of the whole sandbox in bytes, when the kernel reports it.
+    pub fn memory_peak(&self) -> Option<u64> {
+        let d = self.dir(Controller::Memory)?;
+        let file = match self.version {
+            Version::V1 => d.join("memory.max_usage_in_bytes"),
+            Version::V2 => d.join("memory.peak"),
+        };
+        fs::read_to_string(file).ok()?.trim().parse().ok()
+    }
+
+    /// Removes the directories, waiting briefly for exiting tasks to leave.
+    pub fn destroy(&mut self) {
+        let mut dirs: Vec<PathBuf> = self.dirs.drain(..).map(|(_, d)| d).collect();
+        dirs.dedup();
+        for d in dirs {
+            for attempt in 0..200 {
+                match fs::remove_dir(&d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    Err(_) if attempt < 199 => std::thread::sleep(Duration::from_millis(5)),
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        self.destroy();
+    }
+}
+
+/// cgroup v2: enables the controllers in `parent`'s subtree. When `parent` holds processes
+/// (the no-internal-processes rule), moves this process into a leaf child first.
+fn enable_v2_controllers(
+    parent: &Path,
+    ctrls: &[(Controller, PathBuf)],
+) -> Result<(), CgroupError> {
+    let sc = parent.join("cgroup.subtree_control");
+    let current = fs::read_to_string(&sc).unwrap_or_default();
+    let want: Vec<&str> = ctrls
+        .iter()
+        .map(|(c, _)| c.name())
+        .filter(|n| !current.split_whitespace().any(|x| x == *n))
+        .collect();
+    if want.is_empty() {
+        return Ok(());
+    }
+    let line = want
+        .iter()
+        .map(|n| format!("+{n}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    if fs::write(&sc, &line).is_ok() {
+        return Ok(());
+    }
+    let leaf = parent.join(format!("moat-supervisor-{}", std::process::id()));
+    match fs::create_dir(&leaf) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_err(&leaf, "mkdir")(e)),
+    }
+    write(&leaf.join("cgroup.procs"), "0")?;
+    write(&sc, &line)
+}
+
+/// Removes empty sandbox cgroups left by a moat that was killed before it could clean up.
+/// `is_stale(name)` decides from the directory name whether its owner is gone.
+pub fn sweep_stale(host: &Host, is_stale: impl Fn(&str) -> bool) {
+    let mut seen: Vec<&Path> = Vec::new();
+    for (_, parent) in &host.parents {
+        if seen.contains(&parent.as_path()) {
+            continue;
+        }
+        seen.push(parent);
+        let Ok(entries) = fs::read_dir(parent) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let procs = fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
+            if name.starts_with("moat-") && procs.trim().is_empty() && is_stale(&name) {
+                let _ = fs::remove_dir(e.path());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_handles_container_mount_roots() {
+        assert_eq!(
+            join_rel("/sys/fs/cgroup/memory", "/a/b", "/"),
+            PathBuf::from("/sys/fs/cgroup/memory/a/b")
+        );
+        assert_eq!(
+            join_rel("/sys/fs/cgroup", "/docker/x/a", "/docker/x"),
+            PathBuf::from("/sys/fs/cgroup/a")
+        );
+        assert_eq!(
+            join_rel("/sys/fs/cgroup", "/", "/"),
+            PathBuf::from("/sys/fs/cgroup")
+        );
+    }
+
+    #[test]
+    fn detect_finds_something_on_linux() {
+        let h = Host::detect();
+        assert_eq!(h.parents.len() + h.missing.len(), Controller::ALL.len());
+    }
+}

@@ -1,0 +1,11 @@
+//! moat's isolation tiers. Today: `native` (namespaces, a fresh root, seccomp, Landlock,
+//! cgroups). The host probe behind `moat doctor` lives here too, since it answers "which
+//! tiers can this host run, and why not".
+
+pub mod cgroup;
+pub mod idmap;
+pub mod native;
+pub mod probe;
+mod rootfs;
+
+pub use native::{run, RunError, RunRequest};

@@ -1,0 +1,10 @@
+//! The sandbox policy: a TOML document with secure defaults, validated once into typed values.
+//!
+//! Pure logic, no I/O beyond parsing a string the caller read.
+
+pub mod policy;
+pub mod seccomp;
+pub mod units;
+
+pub use policy::{Layer, Mount, NetworkMode, Policy, PolicyError};
+pub use units::{parse_bytes, parse_duration};

@@ -1,0 +1,487 @@
+//! The policy document. Every knob has its default in its doc comment; everything unknown is
+//! rejected; [`Policy::validate`] checks the whole document once, before anything runs.
+
+use crate::units::{de_bytes, de_duration};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// A policy that fails validation, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("policy is not valid TOML or has an unknown or mistyped field: {0}")]
+    Parse(#[source] toml::de::Error),
+    #[error("policy: {field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> PolicyError {
+    PolicyError::Invalid {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+/// A sandbox policy. Secure by default: no network, tight limits, every layer required.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Policy {
+    pub limits: Limits,
+    pub fs: Fs,
+    /// Environment variables passed to the workload, on top of moat's clean base
+    /// (`PATH`, `HOME`, `USER`, `LANG`). Default: none. The host's environment never passes.
+    pub env: BTreeMap<String, String>,
+    pub process: Process,
+    pub network: Network,
+    pub security: Security,
+}
+
+/// Resource limits. Enforced by the kernel (cgroups, rlimits) and watched by moat.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Memory for the whole sandbox, swap 0. Default `512M`.
+    #[serde(deserialize_with = "de_bytes")]
+    pub memory: u64,
+    /// Processes and threads in the whole sandbox. Default `128`.
+    pub pids: u64,
+    /// CPU quota in cores (`0.5` = half a core). Default `1.0`.
+    pub cpus: f64,
+    /// Wall-clock timeout for the whole run; the sandbox is killed when it fires. Default `30s`.
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Cap on captured stdout and on stderr, each; over it the sandbox is killed with status
+    /// `output_limit`. Default `16M`.
+    #[serde(deserialize_with = "de_bytes")]
+    pub output: u64,
+    /// Open files per process (`RLIMIT_NOFILE`). Default `1024`.
+    pub nofile: u64,
+    /// Largest file a process may write (`RLIMIT_FSIZE`). Default `1G`.
+    #[serde(deserialize_with = "de_bytes")]
+    pub fsize: u64,
+    /// Stack size (`RLIMIT_STACK`). Default `8M`.
+    #[serde(deserialize_with = "de_bytes")]
+    pub stack: u64,
+    /// Size of the writable `/tmp` (a tmpfs, counted in the memory limit). Default `64M`.
+    #[serde(deserialize_with = "de_bytes")]
+    pub tmp_size: u64,
+    /// Size of the writable working directory (a tmpfs). Default `256M`.
+    #[serde(deserialize_with = "de_bytes")]
+    pub workdir_size: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory: 512 << 20,
+            pids: 128,
+            cpus: 1.0,
+            timeout: Duration::from_secs(30),
+            output: 16 << 20,
+            nofile: 1024,
+            fsize: 1 << 30,
+            stack: 8 << 20,
+            tmp_size: 64 << 20,
+            workdir_size: 256 << 20,
+        }
+    }
+}
+
+/// The filesystem the workload sees.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fs {
+    /// A host directory to use as the root, read-only. Default: none, which gives a fresh
+    /// root with the host's `/usr`, `/bin`, `/lib*`, `/sbin` read-only and a sanitised `/etc`.
+    /// A given root must contain the directories `proc`, `dev` and `tmp`.
+    pub root: Option<String>,
+    /// The writable working directory (a size-capped tmpfs), also `HOME`. Default `/work`.
+    pub workdir: String,
+    /// Mount a read-only `/sys`. Default `false`.
+    pub sys: bool,
+    /// Host paths bound into the sandbox, read-only unless `rw = true`. Default: none.
+    #[serde(rename = "mount")]
+    pub mounts: Vec<Mount>,
+}
+
+impl Default for Fs {
+    fn default() -> Self {
+        Fs {
+            root: None,
+            workdir: "/work".to_string(),
+            sys: false,
+            mounts: Vec::new(),
+        }
+    }
+}
+
+/// One bind mount of a host path.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Mount {
+    /// Host path (absolute).
+    pub src: String,
+    /// Path inside the sandbox (absolute).
+    pub dst: String,
+    /// Writable. Default `false`.
+    #[serde(default)]
+    pub rw: bool,
+}
+
+impl Mount {
+    /// Parses the CLI form `SRC:DST[:rw|:ro]`.
+    pub fn parse_cli(s: &str) -> Result<Mount, PolicyError> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let (src, dst, rw) = match parts.as_slice() {
+            [src, dst] => (*src, *dst, false),
+            [src, dst, "rw"] => (*src, *dst, true),
+            [src, dst, "ro"] => (*src, *dst, false),
+            _ => {
+                return Err(invalid(
+                    "--mount",
+                    format!("`{s}`: write SRC:DST, SRC:DST:ro or SRC:DST:rw"),
+                ))
+            }
+        };
+        Ok(Mount {
+            src: src.to_string(),
+            dst: dst.to_string(),
+            rw,
+        })
+    }
+}
+
+/// The workload's identity inside the sandbox.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Process {
+    /// uid of the workload inside the sandbox. Default `1000`. Root (0) is refused: root inside
+    /// is only for moat's own init.
+    pub uid: u32,
+    /// gid of the workload inside the sandbox. Default `1000`.
+    pub gid: u32,
+    /// Hostname inside the sandbox. Default `sandbox`.
+    pub hostname: String,
+}
+
+impl Default for Process {
+    fn default() -> Self {
+        Process {
+            uid: 1000,
+            gid: 1000,
+            hostname: "sandbox".to_string(),
+        }
+    }
+}
+
+/// Network access.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Network {
+    /// `none` (default): the sandbox has only its own loopback.
+    pub mode: NetworkMode,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkMode {
+    #[default]
+    None,
+}
+
+/// A defence layer that a host may lack.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Layer {
+    /// cgroup limits (memory, pids, cpu): missing when rootless without delegation.
+    Cgroups,
+    /// Landlock filesystem rules: missing on kernels before 5.13 or without the LSM.
+    Landlock,
+}
+
+impl Layer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layer::Cgroups => "cgroups",
+            Layer::Landlock => "landlock",
+        }
+    }
+}
+
+/// Which layers must be present.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Security {
+    /// Layers the run may go without when the host lacks them, e.g. `["cgroups"]` for a
+    /// rootless run on a host without cgroup delegation. Default: none (refuse to run).
+    /// Namespaces, seccomp, no_new_privs and dropped capabilities are never optional.
+    pub allow_missing: Vec<Layer>,
+    /// The lowest Landlock ABI the run accepts. Default `1`.
+    pub landlock_min_abi: u32,
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Security {
+            allow_missing: Vec::new(),
+            landlock_min_abi: 1,
+        }
+    }
+}
+
+impl Security {
+    pub fn allows_missing(&self, layer: Layer) -> bool {
+        self.allow_missing.contains(&layer)
+    }
+}
+
+/// Paths the sandbox builds itself; a mount or workdir may not replace them.
+const RESERVED: &[&str] = &["/proc", "/dev", "/sys", "/etc", "/tmp"];
+
+/// Checks that `p` is absolute and normal: no `.`/`..`, no empty components, no NUL, short.
+fn check_path(field: &str, p: &str) -> Result<(), PolicyError> {
+    if !p.starts_with('/') {
+        return Err(invalid(field, format!("`{p}` must be an absolute path")));
+    }
+    if p.len() > 1024 {
+        return Err(invalid(field, "path is longer than 1024 bytes"));
+    }
+    if p.contains('\0') {
+        return Err(invalid(field, "path contains a NUL byte"));
+    }
+    if p != "/" {
+        for c in p[1..].split('/') {
+            if c.is_empty() || c == "." || c == ".." {
+                return Err(invalid(
+                    field,
+                    format!("`{p}` must be a normal path: no `.`, `..` or `//`, no trailing `/`"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn is_under(p: &str, base: &str) -> bool {
+    p == base || p.strip_prefix(base).is_some_and(|r| r.starts_with('/'))
+}
+
+impl Policy {
+    /// Parses and validates a TOML policy document.
+    pub fn from_toml(text: &str) -> Result<Policy, PolicyError> {
+        let p: Policy = toml::from_str(text).map_err(PolicyError::Parse)?;
+        p.validate()?;
+        Ok(p)
+    }
+
+    /// Checks every field. Call after merging command-line flags.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        let l = &self.limits;
+        if l.memory < 16 << 20 {
+            return Err(invalid("limits.memory", "must be at least 16M"));
+        }
+        if l.pids == 0 || l.pids > 1 << 22 {
+            return Err(invalid("limits.pids", "must be between 1 and 4194304"));
+        }
+        if !(l.cpus > 0.0 && l.cpus <= 4096.0) {
+            return Err(invalid("limits.cpus", "must be above 0 and at most 4096"));
+        }
+        if l.timeout.is_zero() {
+            return Err(invalid("limits.timeout", "must be above 0 (e.g. 30s)"));
+        }
+        if l.output == 0 {
+            return Err(invalid("limits.output", "must be above 0 (e.g. 16M)"));
+        }
+        if l.nofile < 16 || l.nofile > 1 << 20 {
+            return Err(invalid("limits.nofile", "must be between 16 and 1048576"));
+        }
+        if l.stack < 64 << 10 {
+            return Err(invalid("limits.stack", "must be at least 64K"));
+        }
+        if l.tmp_size < 4096 || l.workdir_size < 4096 {
+            return Err(invalid(
+                "limits.tmp_size/workdir_size",
+                "must be at least 4K",
+            ));
+        }
+        check_path("fs.workdir", &self.fs.workdir)?;
+        if self.fs.workdir == "/" || RESERVED.iter().any(|r| is_under(&self.fs.workdir, r)) {
+            return Err(invalid(
+                "fs.workdir",
+                format!(
+                    "`{}` is a path moat builds itself; choose another (default /work)",
+                    self.fs.workdir
+                ),
+            ));
+        }
+        if let Some(root) = &self.fs.root {
+            check_path("fs.root", root)?;
+        }
+        let mut seen = Vec::new();
+        for (i, m) in self.fs.mounts.iter().enumerate() {
+            let field = format!("fs.mount[{i}]");
+            check_path(&format!("{field}.src"), &m.src)?;
+            check_path(&format!("{field}.dst"), &m.dst)?;
+            if m.dst == "/" || RESERVED.iter().any(|r| is_under(&m.dst, r)) {
+                return Err(invalid(
+                    &format!("{field}.dst"),
+                    format!(
+                        "`{}` is under a path moat builds itself (/proc, /dev, /sys, /etc, /tmp)",
+                        m.dst
+                    ),
+                ));
+            }
+            if is_under(&self.fs.workdir, &m.dst) {
+                return Err(invalid(
+                    &format!("{field}.dst"),
+                    format!("`{}` would hide the working directory", m.dst),
+                ));
+            }
+            if seen.contains(&m.dst) {
+                return Err(invalid(
+                    &format!("{field}.dst"),
+                    format!("`{}` is mounted twice", m.dst),
+                ));
+            }
+            seen.push(m.dst.clone());
+        }
+        for (k, v) in &self.env {
+            let ok = !k.is_empty()
+                && k.len() <= 256
+                && !k.starts_with(|c: char| c.is_ascii_digit())
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err(invalid(
+                    "env",
+                    format!("`{k}` is not a valid variable name (letters, digits, `_`)"),
+                ));
+            }
+            if v.contains('\0') {
+                return Err(invalid(
+                    "env",
+                    format!("the value of `{k}` contains a NUL byte"),
+                ));
+            }
+            if v.len() > 128 << 10 {
+                return Err(invalid("env", format!("the value of `{k}` is over 128K")));
+            }
+        }
+        if self.process.uid == 0 || self.process.uid > 65533 {
+            return Err(invalid(
+                "process.uid",
+                "must be between 1 and 65533 (root inside is only for moat's init)",
+            ));
+        }
+        if self.process.gid == 0 || self.process.gid > 65533 {
+            return Err(invalid("process.gid", "must be between 1 and 65533"));
+        }
+        let h = &self.process.hostname;
+        if h.is_empty() || h.len() > 63 || !h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(invalid(
+                "process.hostname",
+                "must be 1-63 letters, digits or `-`",
+            ));
+        }
+        if self.security.landlock_min_abi > 64 {
+            return Err(invalid("security.landlock_min_abi", "no such Landlock ABI"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_secure_and_valid() {
+        let p = Policy::default();
+        p.validate().unwrap();
+        assert_eq!(p.network.mode, NetworkMode::None);
+        assert_eq!(p.process.uid, 1000);
+        assert!(p.security.allow_missing.is_empty());
+        assert!(p.env.is_empty());
+        assert_eq!(Policy::from_toml("").unwrap(), p);
+    }
+
+    #[test]
+    fn full_document_parses() {
+        let p = Policy::from_toml(
+            r#"
+            env = { FOO = "bar" }
+            [limits]
+            memory = "256M"
+            pids = 64
+            timeout = "500ms"
+            cpus = 0.5
+            [fs]
+            workdir = "/home/user"
+            [[fs.mount]]
+            src = "/opt/data"
+            dst = "/data"
+            rw = true
+            [security]
+            allow_missing = ["cgroups"]
+            landlock_min_abi = 3
+            "#,
+        )
+        .unwrap();
+        assert_eq!(p.limits.memory, 256 << 20);
+        assert_eq!(p.limits.timeout, Duration::from_millis(500));
+        assert_eq!(p.fs.mounts[0].dst, "/data");
+        assert!(p.fs.mounts[0].rw);
+        assert!(p.security.allows_missing(Layer::Cgroups));
+        assert_eq!(p.env["FOO"], "bar");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let e = Policy::from_toml("[limits]\nmemroy = \"1G\"").unwrap_err();
+        assert!(e.to_string().contains("memroy"), "{e}");
+        assert!(Policy::from_toml("netwrk = 1").is_err());
+        assert!(Policy::from_toml("[network]\nmode = \"open\"").is_err());
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        let cases = [
+            ("[limits]\nmemory = \"1M\"", "limits.memory"),
+            ("[limits]\npids = 0", "limits.pids"),
+            ("[limits]\ntimeout = \"0s\"", "limits.timeout"),
+            ("[fs]\nworkdir = \"relative\"", "fs.workdir"),
+            ("[fs]\nworkdir = \"/proc/x\"", "fs.workdir"),
+            (
+                "[[fs.mount]]\nsrc = \"/a\"\ndst = \"/x/../etc\"",
+                "fs.mount[0].dst",
+            ),
+            (
+                "[[fs.mount]]\nsrc = \"/a\"\ndst = \"/dev/sda\"",
+                "fs.mount[0].dst",
+            ),
+            ("[[fs.mount]]\nsrc = \"/a\"\ndst = \"/\"", "fs.mount[0].dst"),
+            ("[process]\nuid = 0", "process.uid"),
+            ("[process]\nhostname = \"a b\"", "process.hostname"),
+            ("env = { \"A=B\" = \"x\" }", "env"),
+        ];
+        for (doc, field) in cases {
+            let e = Policy::from_toml(doc).unwrap_err();
+            assert!(e.to_string().contains(field), "{doc}: {e}");
+        }
+    }
+
+    #[test]
+    fn cli_mounts() {
+        assert_eq!(
+            Mount::parse_cli("/a:/b:rw").unwrap(),
+            Mount {
+                src: "/a".into(),
+                dst: "/b".into(),
+                rw: true
+            }
+        );
+        assert!(!Mount::parse_cli("/a:/b").unwrap().rw);
+        assert!(Mount::parse_cli("/a").is_err());
+        assert!(Mount::parse_cli("/a:/b:rx").is_err());
+    }
+}

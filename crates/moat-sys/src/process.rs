@@ -1,0 +1,440 @@
+//! Processes: clone into namespaces, identity, rlimits, signals, waiting, exec.
+
+use crate::{cvt, cvt_long};
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+pub use libc::{
+    CLONE_NEWCGROUP, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWUSER,
+    CLONE_NEWUTS,
+};
+
+/// Result of [`clone_fork`].
+pub enum Forked {
+    /// In the parent: the child's pid (in the parent's pid namespace) and a pidfd for it.
+    Parent { pid: libc::pid_t, pidfd: OwnedFd },
+    /// In the child.
+    Child,
+}
+
+/// `clone(2)` with fork semantics (the child continues on a copy of the caller's stack) and
+/// the given namespace flags, returning a pidfd for the child.
+///
+/// The caller must be single-threaded: like `fork`, only the calling thread exists in the
+/// child, so locks held by other threads would never be released there.
+pub fn clone_fork(ns_flags: libc::c_int) -> io::Result<Forked> {
+    let mut pidfd: libc::c_int = -1;
+    let flags = (ns_flags | libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong;
+    // SAFETY: raw clone with a null stack behaves like fork(2): the child gets a copy of the
+    // address space and continues here. `pidfd` outlives the call (CLONE_PIDFD writes the fd
+    // into it in the parent). x86_64 argument order is (flags, stack, parent_tid, child_tid,
+    // tls). The caller guarantees the process is single-threaded (documented above).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags,
+            std::ptr::null_mut::<libc::c_void>(),
+            &mut pidfd as *mut libc::c_int,
+            std::ptr::null_mut::<libc::c_int>(),
+            0 as libc::c_ulong,
+        )
+    };
+    let pid = cvt_long(ret)?;
+    if pid == 0 {
+        Ok(Forked::Child)
+    } else {
+        // SAFETY: CLONE_PIDFD stored a fresh fd that nothing else owns.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        Ok(Forked::Parent {
+            pid: pid as libc::pid_t,
+            pidfd,
+        })
+    }
+}
+
+/// `fork(2)`. Returns 0 in the child. Same single-threaded requirement as [`clone_fork`].
+pub fn fork() -> io::Result<libc::pid_t> {
+    // SAFETY: plain fork; the caller is single-threaded (see clone_fork).
+    cvt(unsafe { libc::fork() })
+}
+
+/// `unshare(2)`.
+pub fn unshare(flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: unshare takes only an integer.
+    cvt(unsafe { libc::unshare(flags) }).map(drop)
+}
+
+/// `setsid(2)`.
+pub fn setsid() -> io::Result<()> {
+    // SAFETY: no arguments.
+    cvt(unsafe { libc::setsid() }).map(drop)
+}
+
+/// Sets real, effective and saved ids, and an empty supplementary group list.
+pub fn set_ids(uid: u32, gid: u32, clear_groups: bool) -> io::Result<()> {
+    if clear_groups {
+        // SAFETY: a zero-length list with a null pointer is valid for setgroups.
+        cvt(unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    }
+    // SAFETY: integers only.
+    cvt(unsafe { libc::setresgid(gid, gid, gid) })?;
+    // SAFETY: integers only.
+    cvt(unsafe { libc::setresuid(uid, uid, uid) })?;
+    Ok(())
+}
+
+/// `setrlimit(2)` with soft = hard = `value`.
+pub fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: value,
+        rlim_max: value,
+    };
+    // SAFETY: `lim` is a valid rlimit that lives across the call.
+    cvt(unsafe { libc::setrlimit(resource, &lim) }).map(drop)
+}
+
+/// `prctl(PR_SET_NO_NEW_PRIVS, 1)`.
+pub fn set_no_new_privs() -> io::Result<()> {
+    // SAFETY: integer arguments only.
+    cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }).map(drop)
+}
+
+/// Reads `PR_GET_NO_NEW_PRIVS`.
+pub fn no_new_privs() -> io::Result<bool> {
+    // SAFETY: integer arguments only.
+    cvt(unsafe { libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) }).map(|v| v == 1)
+}
+
+/// `prctl(PR_SET_PDEATHSIG, sig)`.
+pub fn set_parent_death_signal(sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: integer arguments only.
+    cvt(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) }).map(drop)
+}
+
+/// `prctl(PR_SET_DUMPABLE, 0)`: no core dumps, no ptrace by same-uid processes, /proc/PID
+/// owned by root.
+pub fn set_not_dumpable() -> io::Result<()> {
+    // SAFETY: integer arguments only.
+    cvt(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) }).map(drop)
+}
+
+/// Creates a pipe with `O_CLOEXEC`: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two fds pipe2 writes.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 returned two fresh fds that we now own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// `dup2(2)`; the new fd has no `O_CLOEXEC`.
+pub fn dup2(old: RawFd, new: RawFd) -> io::Result<()> {
+    // SAFETY: integers only; the caller is replacing `new` on purpose.
+    cvt(unsafe { libc::dup2(old, new) }).map(drop)
+}
+
+/// Closes every fd from `first` up, except `keep` (if any).
+pub fn close_fds_from(first: libc::c_uint, keep: Option<libc::c_uint>) -> io::Result<()> {
+    let ranges: Vec<(libc::c_uint, libc::c_uint)> = match keep {
+        Some(k) if k >= first => {
+            let mut v = Vec::new();
+            if k > first {
+                v.push((first, k - 1));
+            }
+            v.push((k + 1, libc::c_uint::MAX));
+            v
+        }
+        _ => vec![(first, libc::c_uint::MAX)],
+    };
+    for (lo, hi) in ranges {
+        // SAFETY: close_range takes integers; closing fds this process owns is the intent,
+        // and nothing in the (single-threaded, about-to-exec) caller uses them afterwards.
+        cvt_long(unsafe { libc::syscall(libc::SYS_close_range, lo, hi, 0 as libc::c_uint) })?;
+    }
+    Ok(())
+}
+
+/// Sets or clears `O_NONBLOCK`.
+pub fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
+    // SAFETY: F_GETFL on any fd number is harmless.
+    let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    let new = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
+    // SAFETY: F_SETFL with flags derived from F_GETFL.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, new) }).map(drop)
+}
+
+/// Clears `O_CLOEXEC` so the fd survives an exec.
+pub fn clear_cloexec(fd: RawFd) -> io::Result<()> {
+    // SAFETY: integers only.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }).map(drop)
+}
+
+/// `read(2)` into `buf`.
+pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of its length.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// `write(2)` from `buf`.
+pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for reads of its length.
+    let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Writes all of `buf`, retrying on EINTR.
+pub fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match write(fd, buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// How a waited-for process ended, with its resource usage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitInfo {
+    pub pid: libc::pid_t,
+    /// Exit code when it exited.
+    pub code: Option<i32>,
+    /// Signal when it was killed by one.
+    pub signal: Option<i32>,
+    pub utime_us: u64,
+    pub stime_us: u64,
+    pub maxrss_kb: u64,
+}
+
+/// `wait4(pid, ..., flags)`. `Ok(None)` when `WNOHANG` found nothing to reap.
+pub fn wait4(pid: libc::pid_t, flags: libc::c_int) -> io::Result<Option<ExitInfo>> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: zeroed rusage is a valid value for an out-parameter of plain integers.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: both out-pointers point to live locals.
+    let r = unsafe { libc::wait4(pid, &mut status, flags, &mut ru) };
+    let r = cvt(r)?;
+    if r == 0 {
+        return Ok(None);
+    }
+    let us = |t: libc::timeval| (t.tv_sec as u64) * 1_000_000 + t.tv_usec as u64;
+    let (code, signal) = if libc::WIFEXITED(status) {
+        (Some(libc::WEXITSTATUS(status)), None)
+    } else if libc::WIFSIGNALED(status) {
+        (None, Some(libc::WTERMSIG(status)))
+    } else {
+        (None, None)
+    };
+    Ok(Some(ExitInfo {
+        pid: r,
+        code,
+        signal,
+        utime_us: us(ru.ru_utime),
+        stime_us: us(ru.ru_stime),
+        maxrss_kb: ru.ru_maxrss as u64,
+    }))
+}
+
+/// `kill(2)`.
+pub fn kill(pid: libc::pid_t, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: integers only.
+    cvt(unsafe { libc::kill(pid, sig) }).map(drop)
+}
+
+/// `pidfd_send_signal(2)`: signals the exact process the pidfd refers to (no pid reuse race).
+pub fn pidfd_kill(pidfd: RawFd, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: integers and a null siginfo, as the syscall allows.
+    cvt_long(unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd,
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0 as libc::c_uint,
+        )
+    })
+    .map(drop)
+}
+
+/// Blocks the given signals in this thread and returns the previous mask.
+pub fn block_signals(sigs: &[libc::c_int]) -> io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for &s in sigs {
+        // SAFETY: `set` is a valid, initialised sigset_t.
+        unsafe { libc::sigaddset(&mut set, s) };
+    }
+    // SAFETY: both pointers refer to live sigset_t values.
+    cvt(unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) })?;
+    Ok(old)
+}
+
+/// Restores a signal mask saved by [`block_signals`].
+pub fn set_signal_mask(mask: &libc::sigset_t) -> io::Result<()> {
+    // SAFETY: `mask` is a valid sigset_t.
+    cvt(unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, mask, std::ptr::null_mut()) }).map(drop)
+}
+
+/// Resets every signal disposition to the default (what exec would do for handled signals,
+/// also for ignored ones).
+pub fn reset_signal_dispositions() {
+    for sig in 1..libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: SIG_DFL is always a valid disposition; errors (invalid signals) are ignored.
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
+}
+
+/// A signalfd for the given signals (which the caller has blocked).
+pub fn signalfd(sigs: &[libc::c_int]) -> io::Result<OwnedFd> {
+    // SAFETY: plain data, initialised by sigemptyset below.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for &s in sigs {
+        // SAFETY: `set` is a valid, initialised sigset_t.
+        unsafe { libc::sigaddset(&mut set, s) };
+    }
+    // SAFETY: `set` is valid; -1 asks for a new fd.
+    let fd = cvt(unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) })?;
+    // SAFETY: signalfd returned a fresh fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads one pending signal number from a signalfd, `None` when none is pending.
+pub fn read_signalfd(fd: RawFd) -> io::Result<Option<i32>> {
+    // SAFETY: plain data out-parameter.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: `info` is valid for `size` bytes of writes.
+    let n = unsafe { libc::read(fd, (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    if n as usize != size {
+        return Ok(None);
+    }
+    Ok(Some(info.ssi_signo as i32))
+}
+
+/// `poll(2)` on `(fd, events)` pairs; returns revents per entry. `timeout_ms < 0` waits forever.
+pub fn poll(fds: &[(RawFd, i16)], timeout_ms: i32) -> io::Result<Vec<i16>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&(fd, events)| libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `pfds` is a valid array of the given length.
+    let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(vec![0; fds.len()]);
+        }
+        return Err(e);
+    }
+    Ok(pfds.iter().map(|p| p.revents).collect())
+}
+
+/// `execve(2)`. Returns only on failure.
+pub fn execve(path: &CString, argv: &[CString], envp: &[CString]) -> io::Error {
+    let mut a: Vec<*const libc::c_char> = argv.iter().map(|s| s.as_ptr()).collect();
+    a.push(std::ptr::null());
+    let mut e: Vec<*const libc::c_char> = envp.iter().map(|s| s.as_ptr()).collect();
+    e.push(std::ptr::null());
+    // SAFETY: every pointer refers to a NUL-terminated CString that outlives the call, and
+    // both arrays end with a null pointer as execve requires.
+    unsafe { libc::execve(path.as_ptr(), a.as_ptr(), e.as_ptr()) };
+    io::Error::last_os_error()
+}
+
+/// `_exit(2)`: leaves without running atexit handlers or flushing stdio (for forked children).
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit never returns and is async-signal-safe.
+    unsafe { libc::_exit(code) }
+}
+
+/// `sethostname(2)` and `setdomainname(2)` (in a fresh UTS namespace).
+pub fn set_hostname(name: &str) -> io::Result<()> {
+    // SAFETY: pointer and length describe `name`'s bytes.
+    cvt(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })?;
+    // SAFETY: pointer and length describe `name`'s bytes.
+    cvt(unsafe { libc::setdomainname(name.as_ptr().cast(), name.len()) }).map(drop)
+}
+
+/// `getuid(2)` and `getgid(2)`.
+pub fn real_ids() -> (u32, u32) {
+    // SAFETY: no arguments, cannot fail.
+    unsafe { (libc::getuid(), libc::getgid()) }
+}
+
+/// `geteuid(2)`.
+pub fn effective_uid() -> u32 {
+    // SAFETY: no arguments, cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// `flock(fd, LOCK_EX | LOCK_NB)`: `Ok(false)` when another holder has it.
+pub fn try_lock(fd: RawFd) -> io::Result<bool> {
+    // SAFETY: integers only.
+    match cvt(unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) }) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether this process is the only thread in its thread group.
+pub fn is_single_threaded() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:").map(|v| v.trim() == "1"))
+        })
+        .unwrap_or(false)
+}
+
+/// An empty signal set.
+pub fn empty_sigset() -> libc::sigset_t {
+    // SAFETY: plain data, initialised by sigemptyset below.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    set
+}
+
+/// Whether `fd` is an open file descriptor.
+pub fn fd_is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD on any fd number is harmless.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+}

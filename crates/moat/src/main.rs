@@ -1,0 +1,278 @@
+//! The `moat` command: `moat run` runs one command in a fresh sandbox; `moat doctor` says what
+//! this host supports.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use moat_api::{ExecResult, Layers, Status, Truncated};
+use moat_backend::{probe, RunError, RunRequest};
+use moat_policy::{parse_bytes, parse_duration, Layer, Mount, Policy};
+use std::io::Write;
+
+#[derive(Parser)]
+#[command(
+    name = "moat",
+    version,
+    about = "A sandbox for code that AI agents write"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one command in a fresh sandbox and exit with its exit code.
+    ///
+    /// Exit codes: the command's own; 128+N when it was killed by signal N; 124 on timeout;
+    /// 137 when it ran out of memory; 141 when its output went over the cap; 125 when moat
+    /// could not run it; 126/127 when the command cannot be executed / was not found.
+    Run(RunArgs),
+    /// Say what this host supports, and how to fix what is missing.
+    Doctor {
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Policy file (TOML). Flags below override it.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<String>,
+    /// Isolation tier. Only `native` is available in this build.
+    #[arg(long, default_value = "native")]
+    tier: String,
+    /// Memory limit for the whole sandbox, e.g. 256M, 1G.
+    #[arg(long)]
+    memory: Option<String>,
+    /// Process and thread limit for the whole sandbox.
+    #[arg(long)]
+    pids: Option<u64>,
+    /// CPU quota in cores, e.g. 0.5.
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Wall-clock timeout, e.g. 500ms, 5s, 2m.
+    #[arg(long)]
+    timeout: Option<String>,
+    /// Cap on stdout and on stderr, each, e.g. 1M.
+    #[arg(long)]
+    output_limit: Option<String>,
+    /// Bind a host path: SRC:DST (read-only) or SRC:DST:rw. Repeatable.
+    #[arg(long, value_name = "SRC:DST[:rw]")]
+    mount: Vec<String>,
+    /// Set an environment variable in the sandbox. Repeatable.
+    #[arg(long, short = 'e', value_name = "K=V")]
+    env: Vec<String>,
+    /// Working directory inside the sandbox (a fresh writable tmpfs).
+    #[arg(long)]
+    workdir: Option<String>,
+    /// Use this host directory as the root, read-only.
+    #[arg(long)]
+    root: Option<String>,
+    /// Mount a read-only /sys.
+    #[arg(long)]
+    sys: bool,
+    /// Run even when this host lacks a layer: `cgroups` or `landlock`. Repeatable.
+    #[arg(long, value_name = "LAYER")]
+    allow_missing: Vec<String>,
+    /// Print one JSON result instead of passing the output through.
+    #[arg(long)]
+    json: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    cmd: Vec<String>,
+}
+
+fn build_policy(a: &RunArgs) -> Result<Policy> {
+    let mut p = match &a.policy {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the policy file {path}"))?;
+            Policy::from_toml(&text).with_context(|| format!("in {path}"))?
+        }
+        None => Policy::default(),
+    };
+    if let Some(m) = &a.memory {
+        p.limits.memory = parse_bytes(m)
+            .map_err(anyhow::Error::msg)
+            .context("--memory")?;
+    }
+    if let Some(n) = a.pids {
+        p.limits.pids = n;
+    }
+    if let Some(c) = a.cpus {
+        p.limits.cpus = c;
+    }
+    if let Some(t) = &a.timeout {
+        p.limits.timeout = parse_duration(t)
+            .map_err(anyhow::Error::msg)
+            .context("--timeout")?;
+    }
+    if let Some(o) = &a.output_limit {
+        p.limits.output = parse_bytes(o)
+            .map_err(anyhow::Error::msg)
+            .context("--output-limit")?;
+    }
+    for m in &a.mount {
+        p.fs.mounts.push(Mount::parse_cli(m)?);
+    }
+    for kv in &a.env {
+        let Some((k, v)) = kv.split_once('=') else {
+            bail!("--env {kv}: write K=V");
+        };
+        p.env.insert(k.to_string(), v.to_string());
+    }
+    if let Some(w) = &a.workdir {
+        p.fs.workdir = w.clone();
+    }
+    if let Some(r) = &a.root {
+        p.fs.root = Some(r.clone());
+    }
+    if a.sys {
+        p.fs.sys = true;
+    }
+    for l in &a.allow_missing {
+        let layer = match l.as_str() {
+            "cgroups" => Layer::Cgroups,
+            "landlock" => Layer::Landlock,
+            other => bail!("--allow-missing {other}: the layers that may be missing are `cgroups` and `landlock`"),
+        };
+        if !p.security.allow_missing.contains(&layer) {
+            p.security.allow_missing.push(layer);
+        }
+    }
+    p.validate()?;
+    Ok(p)
+}
+
+fn error_result(message: String) -> ExecResult {
+    ExecResult {
+        stdout: String::new(),
+        stderr: String::new(),
+        exit_code: None,
+        signal: None,
+        status: Status::Error,
+        wall_ms: 0,
+        cpu_ms: 0,
+        max_rss_kb: 0,
+        truncated: Truncated::default(),
+        message: Some(message),
+        sandbox: Layers::default(),
+    }
+}
+
+fn cmd_run(a: RunArgs) -> i32 {
+    let json = a.json;
+    let fail = |msg: String| -> i32 {
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string(&error_result(msg)).unwrap_or_default()
+            );
+        } else {
+            eprintln!("moat: {msg}");
+        }
+        125
+    };
+    if a.tier != "native" {
+        return fail(format!(
+            "tier `{}` is not available in this build: use --tier native (run `moat doctor`)",
+            a.tier
+        ));
+    }
+    let policy = match build_policy(&a) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("{e:#}")),
+    };
+    let req = RunRequest {
+        policy,
+        argv: a.cmd,
+        stream: !json,
+        stdin: true,
+    };
+    let result = match moat_backend::run(&req) {
+        Ok(r) => r,
+        Err(e @ RunError::Refused(_)) => return fail(format!("refusing to run: {e}")),
+        Err(e) => return fail(e.to_string()),
+    };
+    if json {
+        let mut out = std::io::stdout().lock();
+        let _ = serde_json::to_writer(&mut out, &result);
+        let _ = out.write_all(b"\n");
+        let _ = out.flush();
+    } else if result.status != Status::Ok {
+        if let Some(m) = &result.message {
+            eprintln!("moat: {}: {m}", result.status);
+        }
+    }
+    result.cli_exit_code()
+}
+
+/// Creates a throwaway user namespace (with pid, mount, net, ipc, uts) to prove it works.
+fn try_userns() -> Result<(), String> {
+    use moat_sys::process as sys;
+    let flags = sys::CLONE_NEWUSER
+        | sys::CLONE_NEWPID
+        | sys::CLONE_NEWNS
+        | sys::CLONE_NEWNET
+        | sys::CLONE_NEWIPC
+        | sys::CLONE_NEWUTS;
+    match sys::clone_fork(flags) {
+        Ok(sys::Forked::Child) => sys::exit_now(0),
+        Ok(sys::Forked::Parent { pid, .. }) => match sys::wait4(pid, libc::__WALL) {
+            Ok(Some(i)) if i.code == Some(0) => Ok(()),
+            other => Err(format!("the probe child ended badly: {other:?}")),
+        },
+        Err(e) => Err(format!("clone with new namespaces failed: {e}")),
+    }
+}
+
+fn cmd_doctor(json: bool) -> i32 {
+    let checks = probe::doctor(try_userns);
+    let native_ok = checks
+        .iter()
+        .filter(|c| ["user namespaces", "seccomp"].contains(&c.name.as_str()))
+        .all(|c| c.ok);
+    if json {
+        let doc = serde_json::json!({
+            "checks": checks,
+            "tiers": { "native": native_ok },
+        });
+        println!("{doc}");
+    } else {
+        for c in &checks {
+            println!(
+                "{} {:<16} {}",
+                if c.ok { "ok  " } else { "MISS" },
+                c.name,
+                c.detail
+            );
+            if let Some(f) = &c.fix {
+                println!("     {:<16} fix: {f}", "");
+            }
+        }
+        println!(
+            "\ntiers: native {}",
+            if native_ok {
+                "available"
+            } else {
+                "NOT available (see above)"
+            }
+        );
+    }
+    if native_ok {
+        0
+    } else {
+        1
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.cmd {
+        Cmd::Run(a) => cmd_run(a),
+        Cmd::Doctor { json } => cmd_doctor(json),
+    };
+    std::process::exit(code);
+}
