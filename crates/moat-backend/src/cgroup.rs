@@ -348,6 +348,17 @@ impl Cgroup {
         Ok(())
     }
 
+    /// The `cgroup.procs` files a process must be written to, to join this cgroup.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self
+            .dirs
+            .iter()
+            .map(|(_, d)| d.join("cgroup.procs"))
+            .collect();
+        v.dedup();
+        v
+    }
+
     /// How many times the kernel's OOM killer killed a process in this cgroup.
     pub fn oom_kills(&self) -> u64 {
         let Some(d) = self.dir(Controller::Memory) else {

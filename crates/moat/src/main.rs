@@ -26,7 +26,7 @@ enum Cmd {
     /// Exit codes: the command's own; 128+N when it was killed by signal N; 124 on timeout;
     /// 137 when it ran out of memory; 141 when its output went over the cap; 125 when moat
     /// could not run it; 126/127 when the command cannot be executed / was not found.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Say what this host supports, and how to fix what is missing.
     Doctor {
         /// Print one JSON document.
@@ -271,7 +271,7 @@ fn cmd_doctor(json: bool) -> i32 {
 fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
-        Cmd::Run(a) => cmd_run(a),
+        Cmd::Run(a) => cmd_run(*a),
         Cmd::Doctor { json } => cmd_doctor(json),
     };
     std::process::exit(code);
