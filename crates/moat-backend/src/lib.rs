@@ -7,5 +7,6 @@ pub mod idmap;
 pub mod native;
 pub mod probe;
 mod rootfs;
+pub mod seccomp_prog;
 
 pub use native::{run, RunError, RunRequest};

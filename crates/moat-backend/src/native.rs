@@ -16,7 +16,7 @@
 
 use crate::cgroup::{self, Cgroup};
 use crate::idmap::IdMap;
-use crate::probe::{self, HostSupport};
+use crate::probe;
 use crate::rootfs;
 use moat_api::{ExecResult, Layers, Status, Truncated};
 use moat_policy::{Layer, Policy};
@@ -79,72 +79,98 @@ const INIT_SIGNALS: [libc::c_int; 8] = [
 /// The layers a run will have, decided before anything starts.
 struct Plan {
     landlock_abi: u32,
-    cgroup_host: Option<cgroup::Host>,
     missing: Vec<String>,
 }
 
-fn plan(policy: &Policy, host: &HostSupport) -> Result<Plan, RunError> {
-    if let Some(why) = &host.userns_blocked {
-        return Err(RunError::Refused(why.clone()));
+/// Checks the layers that must be known before the sandbox is created.
+fn plan(policy: &Policy) -> Result<Plan, RunError> {
+    if let Some(why) = probe::userns_blocked() {
+        return Err(RunError::Refused(why));
     }
-    if !host.seccomp {
+    if !moat_sys::seccomp::supported() {
         return Err(RunError::Refused(
-            "this kernel has no seccomp filter support (CONFIG_SECCOMP_FILTER); moat never runs without it".into(),
+            "this kernel has no seccomp filter support (CONFIG_SECCOMP_FILTER); moat never runs \
+             without it"
+                .into(),
         ));
     }
     let mut missing = Vec::new();
+    let abi = moat_sys::landlock::abi_version();
     let min = policy.security.landlock_min_abi;
-    let landlock_abi = if host.landlock_abi >= min && host.landlock_abi > 0 {
-        host.landlock_abi
+    let landlock_abi = if abi >= min && abi > 0 {
+        abi
     } else if policy.security.allows_missing(Layer::Landlock) {
-        missing.push(format!(
-            "landlock (kernel ABI {}, policy minimum {min})",
-            host.landlock_abi
-        ));
+        missing.push(format!("landlock (kernel ABI {abi}, policy minimum {min})"));
         0
     } else {
         return Err(RunError::Refused(format!(
-            "Landlock ABI {} is below the policy's minimum {min}: boot a kernel with Landlock \
+            "Landlock ABI {abi} is below the policy's minimum {min}: boot a kernel with Landlock \
              enabled (5.13+, `lsm=landlock,...`), or set security.allow_missing = [\"landlock\"] \
-             to run without it",
-            host.landlock_abi
-        )));
-    };
-    let cg = &host.cgroups;
-    let cgroup_host = if cg.missing.is_empty() {
-        Some(cg.clone())
-    } else if policy.security.allows_missing(Layer::Cgroups) {
-        for (c, why) in &cg.missing {
-            missing.push(format!("{} limit ({why})", c.name()));
-        }
-        if cg.parents.is_empty() {
-            None
-        } else {
-            Some(cg.clone())
-        }
-    } else {
-        let reasons: Vec<String> = cg
-            .missing
-            .iter()
-            .map(|(c, w)| format!("{}: {w}", c.name()))
-            .collect();
-        return Err(RunError::Refused(format!(
-            "cgroup limits are not available here ({}): run as root, or on a cgroup v2 host with \
-             delegation (e.g. `systemd-run --user --scope -p Delegate=yes moat run ...`), or set \
-             security.allow_missing = [\"cgroups\"] to run without memory/pids/cpu limits",
-            reasons.join("; ")
+             to run without it"
         )));
     };
     Ok(Plan {
         landlock_abi,
-        cgroup_host,
         missing,
+    })
+}
+
+/// Creates the sandbox's cgroup (or decides to go without, when the policy allows it).
+fn make_cgroup(
+    policy: &Policy,
+    name: &str,
+    missing: &mut Vec<String>,
+) -> Result<Option<Cgroup>, RunError> {
+    let host = cgroup::Host::detect();
+    if !host.missing.is_empty() {
+        if !policy.security.allows_missing(Layer::Cgroups) {
+            let reasons: Vec<String> = host
+                .missing
+                .iter()
+                .map(|(c, w)| format!("{}: {w}", c.name()))
+                .collect();
+            return Err(RunError::Refused(format!(
+                "cgroup limits are not available here ({}): run as root, or on a cgroup v2 host \
+                 with delegation (e.g. `systemd-run --user --scope -p Delegate=yes moat run ...`), \
+                 or set security.allow_missing = [\"cgroups\"] to run without memory/pids/cpu \
+                 limits",
+                reasons.join("; ")
+            )));
+        }
+        for (c, why) in &host.missing {
+            missing.push(format!("{} limit ({why})", c.name()));
+        }
+        if host.parents.is_empty() {
+            return Ok(None);
+        }
+    }
+    cgroup::sweep_stale(&host, stale_cgroup);
+    let l = &policy.limits;
+    Cgroup::create(
+        &host,
+        name,
+        cgroup::Limits {
+            memory: l.memory,
+            pids: l.pids,
+            cpus: l.cpus,
+        },
+    )
+    .map(Some)
+    .map_err(|e| {
+        RunError::Setup(format!(
+            "{e} (set security.allow_missing = [\"cgroups\"] to run without limits)"
+        ))
     })
 }
 
 /// Runs one command in a fresh native sandbox and tears it down.
 ///
 /// Must be called from a single-threaded process (the sandbox is forked from it).
+///
+/// The parent's slow work (the cgroup, whose v1 attach can wait for an RCU grace period)
+/// overlaps with the child building its root: the child is released twice, once when its id
+/// maps are written ("G": it can build), once when it is in its cgroup ("C": it may start the
+/// workload).
 pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
     let started = Instant::now();
     req.policy
@@ -160,49 +186,16 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
             "the native tier must be started from a single-threaded process".into(),
         ));
     }
-    let host = probe::host_support();
-    let plan = plan(&req.policy, &host)?;
+    let mut plan = plan(&req.policy)?;
     let rootless = sys::effective_uid() != 0;
-
-    let prog: Vec<SockFilter> = moat_policy::seccomp::default_program()
-        .iter()
-        .map(|i| SockFilter {
-            code: i.code,
-            jt: i.jt,
-            jf: i.jf,
-            k: i.k,
-        })
-        .collect();
-
+    let prog = crate::seccomp_prog::DEFAULT_PROGRAM;
     let ids = IdMap::allocate(rootless).map_err(io_ctx("allocate a uid range"))?;
     let name = format!(
-        "moat-{}-{:x}",
+        "moat-{}-{:x}-{:x}",
         ids.tag(),
-        started.elapsed().as_nanos() ^ (std::process::id() as u128) << 20
+        std::process::id(),
+        started.elapsed().as_nanos() & 0xffff_ffff
     );
-    let mut cg = match &plan.cgroup_host {
-        Some(h) => {
-            cgroup::sweep_stale(h, stale_cgroup);
-            let l = &req.policy.limits;
-            Some(
-                Cgroup::create(
-                    h,
-                    &name,
-                    cgroup::Limits {
-                        memory: l.memory,
-                        pids: l.pids,
-                        cpus: l.cpus,
-                    },
-                )
-                .map_err(|e| {
-                    RunError::Setup(format!(
-                        "{e} (set security.allow_missing = [\"cgroups\"] to run without limits)"
-                    ))
-                })?,
-            )
-        }
-        None => None,
-    };
 
     let (sync_r, sync_w) = sys::pipe().map_err(io_ctx("pipe"))?;
     let (st_r, st_w) = sys::pipe().map_err(io_ctx("pipe"))?;
@@ -211,12 +204,11 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
     let (err_r, err_w) = sys::pipe().map_err(io_ctx("pipe"))?;
 
     let old_mask = sys::block_signals(&RELAYED).map_err(io_ctx("block signals"))?;
-    let sigfd = sys::signalfd(&RELAYED).map_err(io_ctx("signalfd"));
-    let sigfd = match sigfd {
+    let sigfd = match sys::signalfd(&RELAYED) {
         Ok(f) => f,
         Err(e) => {
             let _ = sys::set_signal_mask(&old_mask);
-            return Err(e);
+            return Err(io_ctx("signalfd")(e));
         }
     };
 
@@ -226,13 +218,12 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
         | sys::CLONE_NEWNET
         | sys::CLONE_NEWIPC
         | sys::CLONE_NEWUTS;
-    let forked = sys::clone_fork(flags);
-    let (pid, pidfd) = match forked {
+    let (pid, pidfd) = match sys::clone_fork(flags) {
         Err(e) => {
             let _ = sys::set_signal_mask(&old_mask);
             return Err(RunError::Refused(format!(
-                "cannot create the sandbox's namespaces ({e}): check `moat doctor` (user namespaces \
-                 may be disabled by sysctl kernel.unprivileged_userns_clone=0, \
+                "cannot create the sandbox's namespaces ({e}): check `moat doctor` (user \
+                 namespaces may be disabled by sysctl kernel.unprivileged_userns_clone=0, \
                  user.max_user_namespaces=0 or an AppArmor restriction)"
             )));
         }
@@ -247,17 +238,18 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
             };
             let policy = &req.policy;
             let argv = &req.argv;
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                init_main(policy, argv, &ids, rootless, plan.landlock_abi, &prog, fds)
+            let landlock_abi = plan.landlock_abi;
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                init_main(policy, argv, &ids, rootless, landlock_abi, prog, fds)
             }));
-            let _ = r;
             sys::exit_now(125);
         }
         Ok(Forked::Parent { pid, pidfd }) => (pid, pidfd),
     };
     drop((sync_r, st_w, in_r, out_w, err_w));
 
-    // Parent: map ids, join the cgroup, release the child.
+    // Parent: map ids and release the child to build its root; meanwhile make its cgroup.
+    let mut cg: Option<Cgroup> = None;
     let setup = (|| -> Result<(), RunError> {
         let (uid_map, gid_map) = ids.maps(req.policy.process.uid, req.policy.process.gid);
         if rootless {
@@ -266,16 +258,18 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
         }
         fs::write(format!("/proc/{pid}/uid_map"), uid_map).map_err(io_ctx("write uid_map"))?;
         fs::write(format!("/proc/{pid}/gid_map"), gid_map).map_err(io_ctx("write gid_map"))?;
+        sys::write_all(sync_w.as_raw_fd(), b"G").map_err(io_ctx("start the sandbox"))?;
+        cg = make_cgroup(&req.policy, &name, &mut plan.missing)?;
         if let Some(cg) = &cg {
             cg.add(pid).map_err(|e| RunError::Setup(e.to_string()))?;
         }
-        sys::write_all(sync_w.as_raw_fd(), b"G").map_err(io_ctx("start the sandbox"))?;
+        sys::write_all(sync_w.as_raw_fd(), b"C").map_err(io_ctx("start the sandbox"))?;
         Ok(())
     })();
     drop(sync_w);
     if let Err(e) = setup {
         let _ = sys::pidfd_kill(pidfd.as_raw_fd(), libc::SIGKILL);
-        let _ = sys::wait4(pid, 0);
+        let _ = sys::wait4(pid, libc::__WALL);
         let _ = sys::set_signal_mask(&old_mask);
         if let Some(cg) = cg.as_mut() {
             cg.destroy();
@@ -288,10 +282,9 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
     let _ = sys::set_signal_mask(&old_mask);
 
     let oom = cg.as_ref().is_some_and(|c| c.oom_kills() > 0);
-    let cgroup_version = match (&cg, &plan.cgroup_host) {
-        (Some(c), _) => c.version.as_str().to_string(),
-        _ => "none".to_string(),
-    };
+    let cgroup_version = cg
+        .as_ref()
+        .map_or_else(|| "none".to_string(), |c| c.version.as_str().to_string());
     if let Some(cg) = cg.as_mut() {
         cg.destroy();
     }
@@ -363,10 +356,20 @@ fn init_main(
         Ok(1) if go[0] == b'G' => {}
         _ => sys::exit_now(125),
     }
-    drop(fds.sync_r);
     let st_w = fds.st_w.as_raw_fd();
     if let Err(e) = init_setup(policy, ids, rootless) {
         report(st_w, &format!("error {e}"));
+        sys::exit_now(125);
+    }
+    // Wait until the parent has put us in the sandbox's cgroup, then take a cgroup namespace
+    // rooted there, so /proc/self/cgroup shows "/".
+    match sys::read(fds.sync_r.as_raw_fd(), &mut go) {
+        Ok(1) if go[0] == b'C' => {}
+        _ => sys::exit_now(125),
+    }
+    drop(fds.sync_r);
+    if let Err(e) = sys::unshare(libc::CLONE_NEWCGROUP) {
+        report(st_w, &format!("error cgroup namespace: {e}"));
         sys::exit_now(125);
     }
     if let Err(e) = sys::block_signals(&INIT_SIGNALS) {
@@ -479,8 +482,6 @@ fn read_to_end(fd: RawFd) -> Vec<u8> {
 fn init_setup(policy: &Policy, ids: &IdMap, rootless: bool) -> io::Result<()> {
     let ctx =
         |what: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
-    // cgroup namespace now that we are inside the sandbox's cgroup: /proc/self/cgroup shows "/".
-    sys::unshare(libc::CLONE_NEWCGROUP).map_err(ctx("cgroup namespace"))?;
     if !rootless {
         sys::set_ids(0, 0, true).map_err(ctx("become root of the sandbox's user namespace"))?;
     }

@@ -12,7 +12,7 @@ use moat_sys::fs::{
 };
 use std::fs;
 use std::io;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::symlink;
 use std::path::Path;
 
 /// Host directories bound read-only into a default root.
@@ -39,16 +39,15 @@ const ETC_FILES: &[&str] = &[
     "locale.alias",
     "magic",
     "papersize",
+    "ssl/openssl.cnf",
 ];
 
-/// Directories bound read-only from the host's `/etc`.
-const ETC_DIRS: &[&str] = &[
-    "ld.so.conf.d",
-    "alternatives",
-    "ssl",
-    "ca-certificates",
-    "profile.d",
-];
+/// Directories whose files are copied from the host's `/etc` (small, nothing secret).
+const ETC_COPY_DIRS: &[&str] = &["ld.so.conf.d", "profile.d"];
+
+/// Directories bound read-only from the host's `/etc`: Debian's `alternatives` symlink farm
+/// and the public CA certificates. Not `/etc/ssl/private`.
+const ETC_DIRS: &[&str] = &["alternatives", "ssl/certs"];
 
 /// `/proc` paths hidden behind `/dev/null` (files) or an empty read-only tmpfs (dirs), as
 /// Docker masks them.
@@ -83,8 +82,9 @@ const PROC_MASKED: &[&str] = &[
     "bootconfig",
 ];
 
-/// `/proc` paths made read-only.
-const PROC_READONLY: &[&str] = &["bus", "fs", "irq", "sys"];
+/// `/proc` directories hidden behind an empty read-only tmpfs (Docker makes them read-only;
+/// nothing a workload needs lives there).
+const PROC_HIDDEN_DIRS: &[&str] = &["bus", "fs", "irq"];
 
 /// `/sys` paths masked when `/sys` is mounted.
 const SYS_MASKED: &[&str] = &[
@@ -129,6 +129,27 @@ fn bind(src: &str, dst: &str, extra: libc::c_ulong) -> io::Result<()> {
 fn tmpfs(dst: &str, flags: libc::c_ulong, opts: &str) -> io::Result<()> {
     mount(Some("tmpfs"), dst, Some("tmpfs"), flags, Some(opts))
         .map_err(ctx(format!("tmpfs on {dst}")))
+}
+
+/// Hides `p` (when it exists) with one mount: `/dev/null` over a file (reads give nothing,
+/// writes vanish), an empty read-only tmpfs over a directory.
+fn mask(p: &str) -> io::Result<()> {
+    match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => tmpfs(
+            p,
+            MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+            "size=0,nr_inodes=1",
+        ),
+        Ok(_) => mount(
+            Some("/newroot/dev/null"),
+            p,
+            None,
+            MS_BIND | MS_SILENT,
+            None,
+        )
+        .map_err(ctx(format!("mask {p}"))),
+        Err(_) => Ok(()),
+    }
 }
 
 fn remount_ro(dst: &str) -> io::Result<()> {
@@ -244,24 +265,11 @@ pub fn build(policy: &Policy, ids: &Ids) -> io::Result<()> {
 
     build_dev(policy, ids)?;
 
-    for name in PROC_MASKED {
-        let p = nr(&format!("/proc/{name}"));
-        match fs::symlink_metadata(&p) {
-            Ok(m) if m.is_dir() => tmpfs(
-                &p,
-                MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                "size=0,nr_inodes=1",
-            )?,
-            Ok(_) => bind(&nr("/dev/null"), &p, MS_RDONLY | MS_NOSUID | MS_NOEXEC)?,
-            Err(_) => {}
-        }
+    for name in PROC_MASKED.iter().chain(PROC_HIDDEN_DIRS) {
+        mask(&nr(&format!("/proc/{name}")))?;
     }
-    for name in PROC_READONLY {
-        let p = nr(&format!("/proc/{name}"));
-        if Path::new(&p).exists() {
-            bind(&p, &p, MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)?;
-        }
-    }
+    let sys = nr("/proc/sys");
+    bind(&sys, &sys, MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)?;
 
     // /tmp and the working directory: writable, size-capped, owned by the workload.
     let lim = &policy.limits;
@@ -290,14 +298,7 @@ pub fn build(policy: &Policy, ids: &Ids) -> io::Result<()> {
         )
         .map_err(ctx("mount /sys"))?;
         for name in SYS_MASKED {
-            let p = nr(&format!("/sys/{name}"));
-            if Path::new(&p).is_dir() {
-                tmpfs(
-                    &p,
-                    MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                    "size=0,nr_inodes=1",
-                )?;
-            }
+            mask(&nr(&format!("/sys/{name}")))?;
         }
     }
 
@@ -338,13 +339,19 @@ pub fn build(policy: &Policy, ids: &Ids) -> io::Result<()> {
 }
 
 fn build_etc(policy: &Policy, ids: &Ids) -> io::Result<()> {
+    // /etc lives in the root tmpfs, which is made read-only once the root is built.
     let etc = nr("/etc");
-    tmpfs(
-        &etc,
-        MS_NOSUID | MS_NODEV | MS_NOEXEC,
-        "mode=0755,size=4m,nr_inodes=1024",
-    )?;
-    for f in ETC_FILES {
+    mkdir_p(&format!("{etc}/ssl"))?;
+    let mut files: Vec<String> = ETC_FILES.iter().map(|f| f.to_string()).collect();
+    for d in ETC_COPY_DIRS {
+        if let Ok(rd) = fs::read_dir(format!("/oldroot/etc/{d}")) {
+            mkdir_p(&format!("{etc}/{d}"))?;
+            for e in rd.flatten().take(256) {
+                files.push(format!("{d}/{}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    for f in &files {
         let src = format!("/oldroot/etc/{f}");
         let dst = format!("{etc}/{f}");
         match fs::symlink_metadata(&src) {
@@ -352,8 +359,8 @@ fn build_etc(policy: &Policy, ids: &Ids) -> io::Result<()> {
                 symlink(fs::read_link(&src)?, &dst).map_err(ctx(format!("symlink {dst}")))?
             }
             Ok(m) if m.is_file() && m.len() <= 1 << 20 => {
-                fs::copy(&src, &dst).map_err(ctx(format!("copy {src}")))?;
-                fs::set_permissions(&dst, fs::Permissions::from_mode(0o644))?;
+                let data = fs::read(&src).map_err(ctx(format!("read {src}")))?;
+                fs::write(&dst, data).map_err(ctx(format!("write {dst}")))?;
             }
             _ => {}
         }
@@ -389,8 +396,7 @@ fn build_etc(policy: &Policy, ids: &Ids) -> io::Result<()> {
             "127.0.0.1\tlocalhost\n127.0.1.1\t{host}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
         ),
     )?;
-    write("resolv.conf", "# no network in this sandbox\n".to_string())?;
-    remount_ro(&etc)
+    write("resolv.conf", "# no network in this sandbox\n".to_string())
 }
 
 fn build_dev(policy: &Policy, ids: &Ids) -> io::Result<()> {
@@ -403,7 +409,10 @@ fn build_dev(policy: &Policy, ids: &Ids) -> io::Result<()> {
     for d in DEVICES {
         let dst = format!("{dev}/{d}");
         touch(&dst)?;
-        bind(&format!("/oldroot/dev/{d}"), &dst, MS_NOSUID | MS_NOEXEC)?;
+        // One bind, no remount: nosuid/noexec mean nothing on a device node.
+        let src = format!("/oldroot/dev/{d}");
+        mount(Some(&src), &dst, None, MS_BIND | MS_SILENT, None)
+            .map_err(ctx(format!("bind {src}")))?;
     }
     mkdir_p(&format!("{dev}/pts"))?;
     let gid_opt = if ids.tty_gid_mapped { ",gid=5" } else { "" };
