@@ -1,2 +1,3 @@
 pub mod harness;
+mod modes;
 mod programs;
