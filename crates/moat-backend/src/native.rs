@@ -356,6 +356,10 @@ fn init_main(
         Ok(1) if go[0] == b'G' => {}
         _ => sys::exit_now(125),
     }
+    // From here on no same-uid process may ptrace init or open its /proc entries (/proc/1/exe
+    // is moat's own binary on the host: runc CVE-2019-5736). Not earlier: while dumpable, the
+    // parent (rootless: the same user) can still write our uid_map.
+    let _ = sys::set_not_dumpable();
     let st_w = fds.st_w.as_raw_fd();
     if let Err(e) = init_setup(policy, ids, rootless) {
         report(st_w, &format!("error {e}"));
@@ -417,7 +421,6 @@ fn init_main(
 
     // init keeps nothing it does not need: no capabilities, not dumpable (no ptrace, /proc/1
     // owned by root), no new privileges, and the same seccomp filter as the workload.
-    let _ = sys::set_not_dumpable();
     let _ = moat_sys::caps::drop_bounding_and_ambient();
     let _ = moat_sys::caps::clear_all();
     let _ = sys::set_no_new_privs();
