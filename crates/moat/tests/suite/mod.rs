@@ -1,3 +1,5 @@
 pub mod harness;
 mod modes;
 mod programs;
+mod attacks_kernel;
+mod attacks_net;
