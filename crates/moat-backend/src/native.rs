@@ -240,7 +240,7 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
             let argv = &req.argv;
             let landlock_abi = plan.landlock_abi;
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                init_main(policy, argv, &ids, rootless, landlock_abi, prog, fds)
+                init_main(policy, argv, rootless, landlock_abi, prog, fds)
             }));
             sys::exit_now(125);
         }
@@ -344,7 +344,6 @@ fn report(st_w: RawFd, line: &str) {
 fn init_main(
     policy: &Policy,
     argv: &[String],
-    ids: &IdMap,
     rootless: bool,
     landlock_abi: u32,
     prog: &[SockFilter],
@@ -360,8 +359,11 @@ fn init_main(
     // is moat's own binary on the host: runc CVE-2019-5736). Not earlier: while dumpable, the
     // parent (rootless: the same user) can still write our uid_map.
     let _ = sys::set_not_dumpable();
+    // Our argv and environ are still moat's, which name host paths, mount sources and --env
+    // values: /proc/1/cmdline is world-readable.
+    let _ = sys::scrub_cmdline_and_environ("moat-init");
     let st_w = fds.st_w.as_raw_fd();
-    if let Err(e) = init_setup(policy, ids, rootless) {
+    if let Err(e) = init_setup(policy, rootless) {
         report(st_w, &format!("error {e}"));
         sys::exit_now(125);
     }
@@ -482,7 +484,7 @@ fn read_to_end(fd: RawFd) -> Vec<u8> {
     out
 }
 
-fn init_setup(policy: &Policy, ids: &IdMap, rootless: bool) -> io::Result<()> {
+fn init_setup(policy: &Policy, rootless: bool) -> io::Result<()> {
     let ctx =
         |what: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
     if !rootless {
@@ -490,13 +492,11 @@ fn init_setup(policy: &Policy, ids: &IdMap, rootless: bool) -> io::Result<()> {
     }
     sys::set_hostname(&policy.process.hostname).map_err(ctx("set hostname"))?;
     moat_sys::net::loopback_up().map_err(ctx("bring up loopback"))?;
-    let tty_gid_mapped = matches!(ids, IdMap::Range { .. });
     rootfs::build(
         policy,
         &rootfs::Ids {
             uid: policy.process.uid,
             gid: policy.process.gid,
-            tty_gid_mapped,
         },
     )?;
     moat_sys::fs::umask(0o022);

@@ -173,8 +173,6 @@ fn nr(p: &str) -> String {
 pub struct Ids {
     pub uid: u32,
     pub gid: u32,
-    /// Whether gid 5 (tty) is mapped, for devpts.
-    pub tty_gid_mapped: bool,
 }
 
 /// Builds the root and switches into it. On return, `/` is the sandbox root and nothing of the
@@ -263,7 +261,7 @@ pub fn build(policy: &Policy, ids: &Ids) -> io::Result<()> {
     )
     .map_err(ctx("mount /proc"))?;
 
-    build_dev(policy, ids)?;
+    build_dev(policy)?;
 
     for name in PROC_MASKED.iter().chain(PROC_HIDDEN_DIRS) {
         mask(&nr(&format!("/proc/{name}")))?;
@@ -278,14 +276,14 @@ pub fn build(policy: &Policy, ids: &Ids) -> io::Result<()> {
         MS_NOSUID | MS_NODEV,
         &format!("mode=1777,size={},nr_inodes=65536", lim.tmp_size),
     )?;
+    // Owner set by chown, not by `uid=`/`gid=` options: mountinfo would show those as host ids.
     tmpfs(
         &nr(&fs_.workdir),
         MS_NOSUID | MS_NODEV,
-        &format!(
-            "mode=0755,uid={},gid={},size={},nr_inodes=262144",
-            ids.uid, ids.gid, lim.workdir_size
-        ),
+        &format!("mode=0755,size={},nr_inodes=262144", lim.workdir_size),
     )?;
+    std::os::unix::fs::chown(nr(&fs_.workdir), Some(ids.uid), Some(ids.gid))
+        .map_err(ctx("chown the working directory"))?;
 
     if fs_.sys {
         mkdir_p(&nr("/sys")).ok();
@@ -399,7 +397,7 @@ fn build_etc(policy: &Policy, ids: &Ids) -> io::Result<()> {
     write("resolv.conf", "# no network in this sandbox\n".to_string())
 }
 
-fn build_dev(policy: &Policy, ids: &Ids) -> io::Result<()> {
+fn build_dev(policy: &Policy) -> io::Result<()> {
     let dev = nr("/dev");
     tmpfs(
         &dev,
@@ -415,13 +413,12 @@ fn build_dev(policy: &Policy, ids: &Ids) -> io::Result<()> {
             .map_err(ctx(format!("bind {src}")))?;
     }
     mkdir_p(&format!("{dev}/pts"))?;
-    let gid_opt = if ids.tty_gid_mapped { ",gid=5" } else { "" };
     mount(
         Some("devpts"),
         &format!("{dev}/pts"),
         Some("devpts"),
         MS_NOSUID | MS_NOEXEC,
-        Some(&format!("newinstance,ptmxmode=0666,mode=0620{gid_opt}")),
+        Some("newinstance,ptmxmode=0666,mode=0620"),
     )
     .map_err(ctx("mount /dev/pts"))?;
     symlink("pts/ptmx", format!("{dev}/ptmx"))?;

@@ -438,3 +438,42 @@ pub fn fd_is_open(fd: RawFd) -> bool {
     // SAFETY: F_GETFD on any fd number is harmless.
     unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
 }
+
+/// Replaces this process's command line (what `/proc/PID/cmdline` shows) with `title` and
+/// zeroes its environment block (`/proc/PID/environ`), in place. For a forked child that will
+/// never exec: its argv and environ are still the parent's, which may name host paths or
+/// secrets. The caller must not read `std::env::args()`/`vars()` afterwards.
+pub fn scrub_cmdline_and_environ(title: &str) -> io::Result<()> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| io::Error::other("malformed /proc/self/stat"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // /proc/PID/stat fields 48..=51 (1-based) are arg_start, arg_end, env_start, env_end; `f`
+    // starts at field 3.
+    let field = |n: usize| -> io::Result<usize> {
+        f.get(n - 3)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| io::Error::other("malformed /proc/self/stat"))
+    };
+    let (arg_start, arg_end, env_start, env_end) = (field(48)?, field(49)?, field(50)?, field(51)?);
+    if arg_end <= arg_start || env_end < env_start {
+        return Err(io::Error::other("unexpected argv/environ bounds"));
+    }
+    let len = arg_end - arg_start;
+    let t = title.as_bytes();
+    let n = t.len().min(len.saturating_sub(1));
+    // SAFETY: [arg_start, arg_end) and [env_start, env_end) are this process's own argv and
+    // environ strings on its initial stack, reported by the kernel for this very process;
+    // they are mapped and writable, nothing else runs in this process (single-threaded
+    // forked child), and the caller promises not to read argv/environ through std again.
+    unsafe {
+        let p = arg_start as *mut u8;
+        std::ptr::write_bytes(p, 0, len);
+        std::ptr::copy_nonoverlapping(t.as_ptr(), p, n);
+        std::ptr::write_bytes(env_start as *mut u8, 0, env_end - env_start);
+    }
+    Ok(())
+}

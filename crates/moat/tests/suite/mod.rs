@@ -1,5 +1,7 @@
-pub mod harness;
-mod modes;
-mod programs;
+mod attacks_fs;
 mod attacks_kernel;
 mod attacks_net;
+pub mod harness;
+mod info_leaks;
+mod modes;
+mod programs;
