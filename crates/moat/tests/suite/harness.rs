@@ -204,15 +204,32 @@ pub fn compile_c(name: &str) -> Option<PathBuf> {
     Some(dir)
 }
 
-/// A fresh host directory for a test, removed at the next run of the same test.
+/// A fresh host directory for a test, under `$TMPDIR/moat-tests/`. Directories left by test
+/// processes that are gone are removed the first time this runs.
 pub fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "moat-test-{name}-{}-{}",
+    static CLEANED: std::sync::Once = std::sync::Once::new();
+    let base = std::env::temp_dir().join("moat-tests");
+    CLEANED.call_once(|| {
+        if let Ok(rd) = std::fs::read_dir(&base) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                let pid = n.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+                if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    });
+    let dir = base.join(format!(
+        "{name}-{}-{}",
         std::process::id(),
         FENCE_SEQ.fetch_add(1, Ordering::Relaxed)
     ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create scratch dir");
+    // Reachable by the sandbox's own host uid range (for `:rw` mounts of subdirectories).
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755));
     dir
 }
 
