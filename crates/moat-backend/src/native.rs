@@ -367,6 +367,13 @@ fn init_main(
         report(st_w, &format!("error {e}"));
         sys::exit_now(125);
     }
+    // Die with moat. Set again here: becoming root of the user namespace (set_ids) changed our
+    // euid, and the kernel clears the parent-death signal on every such change. If moat died
+    // before this point, the read below sees EOF and we exit.
+    if let Err(e) = sys::set_parent_death_signal(libc::SIGKILL) {
+        report(st_w, &format!("error parent-death signal: {e}"));
+        sys::exit_now(125);
+    }
     // Wait until the parent has put us in the sandbox's cgroup, then take a cgroup namespace
     // rooted there, so /proc/self/cgroup shows "/".
     match sys::read(fds.sync_r.as_raw_fd(), &mut go) {
