@@ -487,6 +487,50 @@ mod tests {
         );
     }
 
+    /// The v2 logic against a directory laid out like a delegated cgroup v2 subtree (plain
+    /// files stand in for the kernel's; this host runs v1, where the real thing is tested).
+    #[test]
+    fn v2_writes_the_limits_and_enables_controllers() {
+        let root = std::env::temp_dir().join(format!("moat-cgv2-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).unwrap();
+        fs::write(root.join("cgroup.subtree_control"), "").unwrap();
+        let host = Host {
+            version: Version::V2,
+            parents: Controller::ALL.iter().map(|c| (*c, root.clone())).collect(),
+            missing: Vec::new(),
+        };
+        let mut cg = Cgroup::create(
+            &host,
+            "moat-x",
+            Limits {
+                memory: 256 << 20,
+                pids: 64,
+                cpus: 0.5,
+            },
+        )
+        .unwrap();
+        let dir = root.join("moat-x");
+        let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap();
+        assert_eq!(
+            fs::read_to_string(root.join("cgroup.subtree_control")).unwrap(),
+            "+memory +pids +cpu"
+        );
+        assert_eq!(read("memory.max"), (256u64 << 20).to_string());
+        assert_eq!(read("memory.oom.group"), "1");
+        assert_eq!(read("pids.max"), "64");
+        assert_eq!(read("cpu.max"), "50000 100000");
+        assert_eq!(cg.procs_files(), vec![dir.join("cgroup.procs")]);
+        fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 2\n",
+        )
+        .unwrap();
+        assert_eq!(cg.oom_kills(), 2);
+        cg.dirs.clear();
+        let _ = fs::remove_dir_all(&root);
+    }
+
     #[test]
     fn detect_finds_something_on_linux() {
         let h = Host::detect();
