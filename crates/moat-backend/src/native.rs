@@ -428,10 +428,11 @@ fn init_main(
     let exec_error = read_to_end(xe_r.as_raw_fd());
     drop(xe_r);
 
-    // init keeps nothing it does not need: no capabilities, not dumpable (no ptrace, /proc/1
-    // owned by root), no new privileges, and the same seccomp filter as the workload.
+    // init keeps nothing it does not need: not dumpable (set earlier), no new privileges, the
+    // same seccomp filter as the workload, and one capability: CAP_KILL (in the sandbox's user
+    // namespace only), so it can relay Ctrl-C and friends to a workload under another uid.
     let _ = moat_sys::caps::drop_bounding_and_ambient();
-    let _ = moat_sys::caps::clear_all();
+    let _ = moat_sys::caps::keep_only(1 << moat_sys::caps::CAP_KILL);
     let _ = sys::set_no_new_privs();
     let _ = moat_sys::seccomp::install(prog);
 

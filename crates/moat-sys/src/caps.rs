@@ -90,3 +90,34 @@ pub fn current() -> io::Result<(u64, u64, u64)> {
         join(data[0].inheritable, data[1].inheritable),
     ))
 }
+
+/// Keeps only the capabilities in `mask` (bit N = capability N) in the effective and
+/// permitted sets of this thread; the inheritable set is emptied.
+pub fn keep_only(mask: u64) -> io::Result<()> {
+    let mut hdr = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let lo = mask as u32;
+    let hi = (mask >> 32) as u32;
+    let data = [
+        CapData {
+            effective: lo,
+            permitted: lo,
+            inheritable: 0,
+        },
+        CapData {
+            effective: hi,
+            permitted: hi,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: header and a two-element data array as version 3 requires, both alive.
+    cvt(unsafe {
+        libc::syscall(libc::SYS_capset, &mut hdr as *mut CapHeader, data.as_ptr()) as libc::c_int
+    })
+    .map(drop)
+}
+
+/// `CAP_KILL`.
+pub const CAP_KILL: u32 = 5;
