@@ -359,6 +359,27 @@ impl Cgroup {
         v
     }
 
+    /// cgroup v1: lets host uid `uid` move its own thread in, by writing `0` to the returned
+    /// `tasks` files. A process moving itself (a single thread) skips the kernel's global
+    /// threadgroup lock, whose write side waits for an RCU grace period (milliseconds) when
+    /// another process moves it. `None` on v2 (use [`Cgroup::add`]).
+    pub fn delegate_self_join(
+        &self,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Option<Vec<PathBuf>>, CgroupError> {
+        if self.version != Version::V1 {
+            return Ok(None);
+        }
+        let mut v = Vec::new();
+        for (_, d) in &self.dirs {
+            let f = d.join("tasks");
+            std::os::unix::fs::chown(&f, Some(uid), Some(gid)).map_err(io_err(&f, "chown"))?;
+            v.push(f);
+        }
+        Ok(Some(v))
+    }
+
     /// How many times the kernel's OOM killer killed a process in this cgroup.
     pub fn oom_kills(&self) -> u64 {
         let Some(d) = self.dir(Controller::Memory) else {

@@ -20,8 +20,7 @@ pub const SLOTS: u32 = 16384;
 
 /// Directory of the slot lock files.
 pub fn slot_dir() -> PathBuf {
-    PathBuf::from(std::env::var_os("MOAT_RUN_DIR").unwrap_or_else(|| "/run/moat".into()))
-        .join("slots")
+    crate::rootfs::run_dir(false).join("slots")
 }
 
 /// How the sandbox's ids map onto the host's.
@@ -93,6 +92,14 @@ impl IdMap {
                 format!("{uid} {host_uid} 1\n"),
                 format!("{gid} {host_gid} 1\n"),
             ),
+        }
+    }
+
+    /// The host uid and gid of the sandbox's root (init), as the host sees them.
+    pub fn host_root(&self) -> (u32, u32) {
+        match self {
+            IdMap::Range { host_base, .. } => (*host_base, *host_base),
+            IdMap::Single { host_uid, host_gid } => (*host_uid, *host_gid),
         }
     }
 

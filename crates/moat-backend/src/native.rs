@@ -169,8 +169,8 @@ fn make_cgroup(
 ///
 /// The parent's slow work (the cgroup, whose v1 attach can wait for an RCU grace period)
 /// overlaps with the child building its root: the child is released twice, once when its id
-/// maps are written ("G": it can build), once when it is in its cgroup ("C": it may start the
-/// workload).
+/// maps are written ("G": it can build), once its cgroup exists ("C" and the cgroup v1 `tasks`
+/// files it then writes itself into, which is much faster than the parent moving it).
 pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
     let started = Instant::now();
     req.policy
@@ -189,6 +189,8 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
     let mut plan = plan(&req.policy)?;
     let rootless = sys::effective_uid() != 0;
     let prog = crate::seccomp_prog::DEFAULT_PROGRAM;
+    let mountpoint = rootfs::mountpoint(rootless)
+        .map_err(|e| RunError::Setup(format!("prepare moat's run directory: {e}")))?;
     let ids = IdMap::allocate(rootless).map_err(io_ctx("allocate a uid range"))?;
     let name = format!(
         "moat-{}-{:x}-{:x}",
@@ -240,7 +242,7 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
             let argv = &req.argv;
             let landlock_abi = plan.landlock_abi;
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                init_main(policy, argv, rootless, landlock_abi, prog, fds)
+                init_main(policy, argv, rootless, landlock_abi, prog, &mountpoint, fds)
             }));
             sys::exit_now(125);
         }
@@ -260,10 +262,24 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
         fs::write(format!("/proc/{pid}/gid_map"), gid_map).map_err(io_ctx("write gid_map"))?;
         sys::write_all(sync_w.as_raw_fd(), b"G").map_err(io_ctx("start the sandbox"))?;
         cg = make_cgroup(&req.policy, &name, &mut plan.missing)?;
+        // "C", then the cgroup files init writes "0" to itself (v1), then a NUL.
+        let mut msg = b"C".to_vec();
         if let Some(cg) = &cg {
-            cg.add(pid).map_err(|e| RunError::Setup(e.to_string()))?;
+            let (uid, gid) = ids.host_root();
+            let files = cg
+                .delegate_self_join(uid, gid)
+                .map_err(|e| RunError::Setup(e.to_string()))?;
+            match files {
+                Some(files) => {
+                    let joined: Vec<String> =
+                        files.iter().map(|f| f.display().to_string()).collect();
+                    msg.extend_from_slice(joined.join("\n").as_bytes());
+                }
+                None => cg.add(pid).map_err(|e| RunError::Setup(e.to_string()))?,
+            }
         }
-        sys::write_all(sync_w.as_raw_fd(), b"C").map_err(io_ctx("start the sandbox"))?;
+        msg.push(0);
+        sys::write_all(sync_w.as_raw_fd(), &msg).map_err(io_ctx("start the sandbox"))?;
         Ok(())
     })();
     drop(sync_w);
@@ -347,6 +363,7 @@ fn init_main(
     rootless: bool,
     landlock_abi: u32,
     prog: &[SockFilter],
+    mountpoint: &str,
     fds: ChildFds,
 ) -> ! {
     let _ = sys::set_parent_death_signal(libc::SIGKILL);
@@ -363,10 +380,13 @@ fn init_main(
     // values: /proc/1/cmdline is world-readable.
     let _ = sys::scrub_cmdline_and_environ("moat-init");
     let st_w = fds.st_w.as_raw_fd();
-    if let Err(e) = init_setup(policy, rootless) {
-        report(st_w, &format!("error {e}"));
-        sys::exit_now(125);
-    }
+    let root = match init_setup(policy, rootless, mountpoint) {
+        Ok(root) => root,
+        Err(e) => {
+            report(st_w, &format!("error {e}"));
+            sys::exit_now(125);
+        }
+    };
     // Die with moat. Set again here: becoming root of the user namespace (set_ids) changed our
     // euid, and the kernel clears the parent-death signal on every such change. If moat died
     // before this point, the read below sees EOF and we exit.
@@ -374,15 +394,30 @@ fn init_main(
         report(st_w, &format!("error parent-death signal: {e}"));
         sys::exit_now(125);
     }
-    // Wait until the parent has put us in the sandbox's cgroup, then take a cgroup namespace
-    // rooted there, so /proc/self/cgroup shows "/".
-    match sys::read(fds.sync_r.as_raw_fd(), &mut go) {
-        Ok(1) if go[0] == b'C' => {}
-        _ => sys::exit_now(125),
-    }
+    // Wait for the sandbox's cgroup; join it (v1: by writing ourselves in, while the host's
+    // cgroupfs is still reachable), take a cgroup namespace rooted there (so /proc/self/cgroup
+    // shows "/"), then switch to the sandbox's root.
+    let msg = read_until_nul(fds.sync_r.as_raw_fd());
     drop(fds.sync_r);
+    let Some(files) = msg.strip_prefix(b"C") else {
+        sys::exit_now(125)
+    };
+    for f in files.split(|&b| b == b'\n').filter(|f| !f.is_empty()) {
+        let path = String::from_utf8_lossy(f);
+        if let Err(e) = fs::write(&*path, "0") {
+            report(
+                st_w,
+                &format!("error join the sandbox's cgroup ({path}): {e}"),
+            );
+            sys::exit_now(125);
+        }
+    }
     if let Err(e) = sys::unshare(libc::CLONE_NEWCGROUP) {
         report(st_w, &format!("error cgroup namespace: {e}"));
+        sys::exit_now(125);
+    }
+    if let Err(e) = rootfs::enter(&root) {
+        report(st_w, &format!("error {e}"));
         sys::exit_now(125);
     }
     if let Err(e) = sys::block_signals(&INIT_SIGNALS) {
@@ -473,6 +508,20 @@ fn init_main(
     sys::exit_now(0)
 }
 
+/// Reads up to a NUL byte (not included) or EOF; EOF before the NUL gives an empty vector.
+fn read_until_nul(fd: RawFd) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match sys::read(fd, &mut b) {
+            Ok(1) if b[0] == 0 => return out,
+            Ok(1) if out.len() < 64 << 10 => out.push(b[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            _ => return Vec::new(),
+        }
+    }
+}
+
 fn read_to_end(fd: RawFd) -> Vec<u8> {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
@@ -492,7 +541,7 @@ fn read_to_end(fd: RawFd) -> Vec<u8> {
     out
 }
 
-fn init_setup(policy: &Policy, rootless: bool) -> io::Result<()> {
+fn init_setup(policy: &Policy, rootless: bool, mountpoint: &str) -> io::Result<String> {
     let ctx =
         |what: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
     if !rootless {
@@ -500,15 +549,16 @@ fn init_setup(policy: &Policy, rootless: bool) -> io::Result<()> {
     }
     sys::set_hostname(&policy.process.hostname).map_err(ctx("set hostname"))?;
     moat_sys::net::loopback_up().map_err(ctx("bring up loopback"))?;
-    rootfs::build(
+    let root = rootfs::build(
         policy,
         &rootfs::Ids {
             uid: policy.process.uid,
             gid: policy.process.gid,
         },
+        mountpoint,
     )?;
     moat_sys::fs::umask(0o022);
-    Ok(())
+    Ok(root)
 }
 
 /// The workload process, between fork and exec.

@@ -1,9 +1,12 @@
 //! Builds the sandbox's filesystem inside its fresh mount namespace, then switches to it.
 //!
-//! Runs in the sandbox's init, as root of the sandbox's user namespace, before anything of
-//! the workload runs. Layout follows bubblewrap's approach: a staging tmpfs becomes the root
-//! first, the host's root stays reachable under `/oldroot` while binds are made from it, and
-//! is detached before the workload starts.
+//! Runs in the sandbox's init, as root of the sandbox's user namespace, in its private mount
+//! namespace, before anything of the workload runs. The new root is a small tmpfs mounted on
+//! an empty directory of moat's run directory (the host never sees it: the mount exists only
+//! in the sandbox's namespace); it gets mount points, the `/bin -> usr/bin` style symlinks, a
+//! sanitised `/etc` and `/dev` entries, then the host's `/usr` ..., a fresh `/proc`, devices
+//! and tmpfs `/tmp` and working directory are mounted on top, everything but those is made
+//! read-only, and [`enter`] pivots into it and detaches the host's tree.
 
 use moat_policy::Policy;
 use moat_sys::fs::{
@@ -13,37 +16,23 @@ use moat_sys::fs::{
 use std::fs;
 use std::io;
 use std::os::unix::fs::symlink;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Host directories bound read-only into a default root.
 const HOST_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 
 /// Files copied from the host's `/etc` into the sanitised one (nothing secret, nothing that
-/// names the host). Missing ones are skipped.
+/// names the host): what the C library and common runtimes read. Missing ones are skipped;
+/// only world-readable files are copied. Kept short: every file is paid for at each start.
 const ETC_FILES: &[&str] = &[
     "ld.so.cache",
-    "ld.so.conf",
     "nsswitch.conf",
     "localtime",
-    "timezone",
     "os-release",
-    "debian_version",
-    "mime.types",
-    "protocols",
     "services",
-    "gai.conf",
-    "inputrc",
-    "bash.bashrc",
-    "profile",
-    "environment",
-    "locale.alias",
-    "magic",
-    "papersize",
-    "ssl/openssl.cnf",
+    "protocols",
+    "mime.types",
 ];
-
-/// Directories whose files are copied from the host's `/etc` (small, nothing secret).
-const ETC_COPY_DIRS: &[&str] = &["ld.so.conf.d", "profile.d"];
 
 /// Directories bound read-only from the host's `/etc`: Debian's `alternatives` symlink farm
 /// and the public CA certificates. Not `/etc/ssl/private`.
@@ -65,21 +54,10 @@ const PROC_MASKED: &[&str] = &[
     "sysrq-trigger",
     "kmsg",
     "kallsyms",
+    "modules",
     "config.gz",
-    "buddyinfo",
-    "slabinfo",
-    "pagetypeinfo",
-    "vmallocinfo",
-    "zoneinfo",
     "iomem",
     "ioports",
-    "modules",
-    "mtrr",
-    "fb",
-    "driver",
-    "sysvipc",
-    "tty",
-    "bootconfig",
 ];
 
 /// `/proc` directories hidden behind an empty read-only tmpfs (Docker makes them read-only;
@@ -113,7 +91,12 @@ fn touch(path: &str) -> io::Result<()> {
 }
 
 fn mkdir_p(path: &str) -> io::Result<()> {
-    fs::create_dir_all(path).map_err(ctx(format!("mkdir {path}")))
+    // One mkdir in the common case (parent exists); create_dir_all stats first.
+    match fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(_) => fs::create_dir_all(path).map_err(ctx(format!("mkdir {path}"))),
+    }
 }
 
 /// Bind `src` onto `dst` (non-recursive), then remount with `extra` flags, keeping the flags
@@ -124,6 +107,11 @@ fn bind(src: &str, dst: &str, extra: libc::c_ulong) -> io::Result<()> {
     let keep = mount_flags(dst).unwrap_or(0);
     mount(None, dst, None, MS_BIND | MS_REMOUNT | keep | extra, None)
         .map_err(ctx(format!("remount {dst}")))
+}
+
+fn bind_plain(src: &str, dst: &str) -> io::Result<()> {
+    mount(Some(src), dst, None, MS_BIND | MS_SILENT, None)
+        .map_err(ctx(format!("bind {src} on {dst}")))
 }
 
 fn tmpfs(dst: &str, flags: libc::c_ulong, opts: &str) -> io::Result<()> {
@@ -140,14 +128,7 @@ fn mask(p: &str) -> io::Result<()> {
             MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
             "size=0,nr_inodes=1",
         ),
-        Ok(_) => mount(
-            Some("/newroot/dev/null"),
-            p,
-            None,
-            MS_BIND | MS_SILENT,
-            None,
-        )
-        .map_err(ctx(format!("mask {p}"))),
+        Ok(_) => bind_plain("/dev/null", p),
         Err(_) => Ok(()),
     }
 }
@@ -164,91 +145,53 @@ fn remount_ro(dst: &str) -> io::Result<()> {
     .map_err(ctx(format!("remount {dst} read-only")))
 }
 
-/// Where a path ends up before the final switch.
-fn nr(p: &str) -> String {
-    format!("/newroot{p}")
-}
-
 /// Identity facts the filesystem needs.
 pub struct Ids {
     pub uid: u32,
     pub gid: u32,
 }
 
-/// Builds the root and switches into it. On return, `/` is the sandbox root and nothing of the
-/// host's tree is reachable except what the policy binds.
-pub fn build(policy: &Policy, ids: &Ids) -> io::Result<()> {
+fn not_found(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, msg)
+}
+
+/// Builds the root (every mount, all read-only but the writable ones) and returns its path;
+/// [`enter`] switches into it. `mountpoint` is an empty directory to build a default root on;
+/// with `fs.root` set, that directory is used instead. The host's tree stays visible until
+/// [`enter`].
+pub fn build(policy: &Policy, ids: &Ids, mountpoint: &str) -> io::Result<String> {
     // Nothing done here may propagate back to the host.
     mount(None, "/", None, MS_REC | MS_PRIVATE, None).map_err(ctx("make / private"))?;
-    tmpfs(
-        "/tmp",
-        MS_NOSUID | MS_NODEV,
-        "mode=0755,size=64k,nr_inodes=64",
-    )?;
-    mkdir_p("/tmp/newroot")?;
-    mkdir_p("/tmp/oldroot")?;
-    pivot_root("/tmp", "/tmp/oldroot").map_err(ctx("pivot_root into the staging root"))?;
-    std::env::set_current_dir("/").map_err(ctx("chdir /"))?;
-
     let fs_ = &policy.fs;
-    match &fs_.root {
-        Some(root) => {
-            let src = format!("/oldroot{root}");
-            if !Path::new(&src).is_dir() {
-                return Err(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("root {root} is not a directory"),
-                ));
-            }
-            bind(&src, "/newroot", MS_RDONLY | MS_NOSUID | MS_NODEV)?;
-            for d in ["proc", "dev", "tmp"] {
-                if !Path::new(&nr(&format!("/{d}"))).is_dir() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::NotFound,
-                        format!("root {root} has no /{d} directory: create it (moat mounts its own there)"),
-                    ));
-                }
-            }
-            if !Path::new(&nr(&fs_.workdir)).is_dir() {
-                return Err(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("root {root} has no {} directory for the working directory: create it or set fs.workdir", fs_.workdir),
-                ));
+    let root: String = fs_.root.clone().unwrap_or_else(|| mountpoint.to_string());
+    let nr = |p: &str| format!("{root}{p}");
+    if !Path::new(&root).is_dir() {
+        return Err(not_found(format!("root {root} is not a directory")));
+    }
+    let default_root = fs_.root.is_none();
+    if default_root {
+        tmpfs(
+            &root,
+            MS_NOSUID | MS_NODEV,
+            "mode=0755,size=2m,nr_inodes=4096",
+        )?;
+        populate(policy, &root)?;
+    } else {
+        // The given root becomes a mount point of its own (made read-only below).
+        mount(Some(&root), &root, None, MS_BIND | MS_SILENT, None).map_err(ctx("bind the root"))?;
+        for d in ["/proc", "/dev", "/tmp"] {
+            if !Path::new(&nr(d)).is_dir() {
+                return Err(not_found(format!(
+                    "root {root} has no {d} directory: create it (moat mounts its own there)"
+                )));
             }
         }
-        None => {
-            tmpfs(
-                "/newroot",
-                MS_NOSUID | MS_NODEV,
-                "mode=0755,size=1m,nr_inodes=4096",
-            )?;
-            for d in HOST_DIRS {
-                let src = format!("/oldroot/{d}");
-                match fs::symlink_metadata(&src) {
-                    Ok(m) if m.file_type().is_symlink() => {
-                        let target = fs::read_link(&src)?;
-                        symlink(target, nr(&format!("/{d}")))
-                            .map_err(ctx(format!("symlink /{d}")))?;
-                    }
-                    Ok(m) if m.is_dir() => {
-                        mkdir_p(&nr(&format!("/{d}")))?;
-                        bind(
-                            &src,
-                            &nr(&format!("/{d}")),
-                            MS_RDONLY | MS_NOSUID | MS_NODEV,
-                        )?;
-                    }
-                    _ => {}
-                }
-            }
-            for d in [
-                "proc", "dev", "tmp", "etc", "root", "home", "run", "var", "var/tmp",
-            ] {
-                mkdir_p(&nr(&format!("/{d}")))?;
-            }
-            build_etc(policy, ids)?;
-            mkdir_p(&nr(&fs_.workdir))?;
-        }
+    }
+    if !Path::new(&nr(&fs_.workdir)).is_dir() {
+        return Err(not_found(format!(
+            "root {root} has no {} directory for the working directory: create it or set fs.workdir",
+            fs_.workdir
+        )));
     }
 
     // /proc: a fresh instance for the sandbox's pid namespace.
@@ -261,7 +204,7 @@ pub fn build(policy: &Policy, ids: &Ids) -> io::Result<()> {
     )
     .map_err(ctx("mount /proc"))?;
 
-    build_dev(policy)?;
+    build_dev(policy, &nr("/dev"), default_root)?;
 
     for name in PROC_MASKED.iter().chain(PROC_HIDDEN_DIRS) {
         mask(&nr(&format!("/proc/{name}")))?;
@@ -276,7 +219,6 @@ pub fn build(policy: &Policy, ids: &Ids) -> io::Result<()> {
         MS_NOSUID | MS_NODEV,
         &format!("mode=1777,size={},nr_inodes=65536", lim.tmp_size),
     )?;
-    // Owner set by chown, not by `uid=`/`gid=` options: mountinfo would show those as host ids.
     tmpfs(
         &nr(&fs_.workdir),
         MS_NOSUID | MS_NODEV,
@@ -286,7 +228,9 @@ pub fn build(policy: &Policy, ids: &Ids) -> io::Result<()> {
         .map_err(ctx("chown the working directory"))?;
 
     if fs_.sys {
-        mkdir_p(&nr("/sys")).ok();
+        if !Path::new(&nr("/sys")).is_dir() {
+            return Err(not_found(format!("root {root} has no /sys directory")));
+        }
         mount(
             Some("sysfs"),
             &nr("/sys"),
@@ -301,77 +245,212 @@ pub fn build(policy: &Policy, ids: &Ids) -> io::Result<()> {
     }
 
     for m in &fs_.mounts {
-        let src = format!("/oldroot{}", m.src);
-        let meta = fs::metadata(&src).map_err(ctx(format!("mount source {}", m.src)))?;
+        fs::metadata(&m.src).map_err(ctx(format!("mount source {}", m.src)))?;
         let dst = nr(&m.dst);
-        if !Path::new(&dst).exists() {
-            if fs_.root.is_some() {
-                return Err(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("mount target {} does not exist in the given root", m.dst),
-                ));
-            }
-            if meta.is_dir() {
-                mkdir_p(&dst)?;
-            } else {
-                if let Some(parent) = Path::new(&dst).parent() {
-                    fs::create_dir_all(parent).map_err(ctx(format!("mkdir for {}", m.dst)))?;
-                }
-                touch(&dst)?;
-            }
+        if fs::symlink_metadata(&dst).is_err() {
+            return Err(not_found(format!(
+                "mount target {} does not exist in the root",
+                m.dst
+            )));
         }
         let ro = if m.rw { 0 } else { MS_RDONLY };
-        bind(&src, &dst, ro | MS_NOSUID | MS_NODEV)?;
+        bind(&m.src, &dst, ro | MS_NOSUID | MS_NODEV)?;
     }
 
-    if fs_.root.is_none() {
-        remount_ro("/newroot")?;
-    }
+    remount_ro(&root)?;
+    Ok(root)
+}
 
-    // Switch: the staging root (and the host's tree under /oldroot) is detached for good.
-    std::env::set_current_dir("/newroot").map_err(ctx("chdir /newroot"))?;
+/// Switches into the root [`build`] prepared: the host's tree is detached for good.
+pub fn enter(root: &str) -> io::Result<()> {
+    std::env::set_current_dir(root).map_err(ctx("chdir to the new root"))?;
     pivot_root(".", ".").map_err(ctx("pivot_root into the sandbox root"))?;
     umount2(".", MNT_DETACH).map_err(ctx("detach the host root"))?;
     std::env::set_current_dir("/").map_err(ctx("chdir /"))?;
     Ok(())
 }
 
-fn build_etc(policy: &Policy, ids: &Ids) -> io::Result<()> {
-    // /etc lives in the root tmpfs, which is made read-only once the root is built.
-    let etc = nr("/etc");
-    mkdir_p(&format!("{etc}/ssl"))?;
-    let mut files: Vec<String> = ETC_FILES.iter().map(|f| f.to_string()).collect();
-    for d in ETC_COPY_DIRS {
-        if let Ok(rd) = fs::read_dir(format!("/oldroot/etc/{d}")) {
-            mkdir_p(&format!("{etc}/{d}"))?;
-            for e in rd.flatten().take(256) {
-                files.push(format!("{d}/{}", e.file_name().to_string_lossy()));
-            }
+/// `/dev`: device nodes bound from the host's, a private devpts and a tmpfs `/dev/shm`. In a
+/// skeleton the entries exist already (and `/dev` is read-only with the root); in a given
+/// root `/dev` becomes a small tmpfs first.
+fn build_dev(policy: &Policy, dev: &str, prepared: bool) -> io::Result<()> {
+    if !prepared {
+        tmpfs(
+            dev,
+            MS_NOSUID | MS_NOEXEC,
+            "mode=0755,size=64k,nr_inodes=64",
+        )?;
+        for d in DEVICES {
+            touch(&format!("{dev}/{d}"))?;
+        }
+        mkdir_p(&format!("{dev}/pts"))?;
+        mkdir_p(&format!("{dev}/shm"))?;
+        for (target, name) in DEV_LINKS {
+            symlink(target, format!("{dev}/{name}"))?;
         }
     }
-    for f in &files {
-        let src = format!("/oldroot/etc/{f}");
+    for d in DEVICES {
+        // One bind, no remount: nosuid/noexec mean nothing on a device node.
+        bind_plain(&format!("/dev/{d}"), &format!("{dev}/{d}"))?;
+    }
+    mount(
+        Some("devpts"),
+        &format!("{dev}/pts"),
+        Some("devpts"),
+        MS_NOSUID | MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )
+    .map_err(ctx("mount /dev/pts"))?;
+    tmpfs(
+        &format!("{dev}/shm"),
+        MS_NOSUID | MS_NODEV | MS_NOEXEC,
+        &format!("mode=1777,size={},nr_inodes=4096", policy.limits.tmp_size),
+    )?;
+    if !prepared {
+        remount_ro(dev)?;
+    }
+    Ok(())
+}
+
+/// Symlinks in `/dev`: (target, name).
+const DEV_LINKS: &[(&str, &str)] = &[
+    ("pts/ptmx", "ptmx"),
+    ("/proc/self/fd", "fd"),
+    ("/proc/self/fd/0", "stdin"),
+    ("/proc/self/fd/1", "stdout"),
+    ("/proc/self/fd/2", "stderr"),
+];
+
+/// Where moat keeps its run-time state: `$MOAT_RUN_DIR`, else `/run/moat` as root, else
+/// `$XDG_RUNTIME_DIR/moat`, else `/tmp/moat-UID`.
+pub fn run_dir(rootless: bool) -> PathBuf {
+    if let Some(d) = std::env::var_os("MOAT_RUN_DIR") {
+        return PathBuf::from(d);
+    }
+    if !rootless {
+        return PathBuf::from("/run/moat");
+    }
+    if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return PathBuf::from(x).join("moat");
+    }
+    PathBuf::from(format!("/tmp/moat-{}", moat_sys::process::effective_uid()))
+}
+
+/// Checks that `dir` is a real directory owned by us and writable by nobody else (a shared
+/// `/tmp` must not let another user plant or swap it).
+fn check_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::symlink_metadata(dir)?;
+    let me = moat_sys::process::effective_uid();
+    if !m.is_dir() || m.uid() != me || m.mode() & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} must be a directory owned by uid {me} and writable only by it; remove it or set MOAT_RUN_DIR",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The empty directory sandboxes build their root on (each in its own mount namespace, so the
+/// host only ever sees it empty). Created on first use.
+pub fn mountpoint(rootless: bool) -> io::Result<String> {
+    let base = run_dir(rootless);
+    let dir = base.join("root");
+    if !dir.is_dir() {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&dir)
+            .map_err(ctx(format!("create {}", dir.display())))?;
+    }
+    check_private_dir(&base)?;
+    check_private_dir(&dir)?;
+    dir.into_os_string()
+        .into_string()
+        .map_err(|_| io::Error::other("non-UTF-8 run directory"))
+}
+
+/// Fills a fresh root tmpfs: mount points, symlinks, `/dev` entries and `/etc`.
+fn populate(policy: &Policy, root: &str) -> io::Result<()> {
+    let nr = |p: &str| format!("{root}{p}");
+    for d in HOST_DIRS {
+        let src = format!("/{d}");
+        match fs::symlink_metadata(&src) {
+            Ok(m) if m.file_type().is_symlink() => {
+                symlink(fs::read_link(&src)?, nr(&src)).map_err(ctx(format!("symlink {src}")))?
+            }
+            Ok(m) if m.is_dir() => {
+                mkdir_p(&nr(&src))?;
+                bind(&src, &nr(&src), MS_RDONLY | MS_NOSUID | MS_NODEV)?;
+            }
+            _ => {}
+        }
+    }
+    for d in [
+        "/proc", "/dev", "/dev/pts", "/dev/shm", "/tmp", "/etc", "/etc/ssl", "/root", "/home",
+        "/run", "/var", "/var/tmp",
+    ] {
+        mkdir_p(&nr(d))?;
+    }
+    if policy.fs.sys {
+        mkdir_p(&nr("/sys"))?;
+    }
+    for d in DEVICES {
+        touch(&nr(&format!("/dev/{d}")))?;
+    }
+    for (target, name) in DEV_LINKS {
+        symlink(target, nr(&format!("/dev/{name}")))?;
+    }
+    fill_etc(policy, &nr("/etc"))?;
+    mkdir_p(&nr(&policy.fs.workdir))?;
+    for m in &policy.fs.mounts {
+        let dst = nr(&m.dst);
+        if Path::new(&m.src).is_dir() {
+            mkdir_p(&dst)?;
+        } else {
+            if let Some(parent) = Path::new(&dst).parent() {
+                fs::create_dir_all(parent).map_err(ctx(format!("mkdir for {}", m.dst)))?;
+            }
+            touch(&dst)?;
+        }
+    }
+    Ok(())
+}
+
+fn fill_etc(policy: &Policy, etc: &str) -> io::Result<()> {
+    for f in ETC_FILES {
+        let src = format!("/etc/{f}");
         let dst = format!("{etc}/{f}");
         match fs::symlink_metadata(&src) {
             Ok(m) if m.file_type().is_symlink() => {
                 symlink(fs::read_link(&src)?, &dst).map_err(ctx(format!("symlink {dst}")))?
             }
-            Ok(m) if m.is_file() && m.len() <= 1 << 20 => {
-                let data = fs::read(&src).map_err(ctx(format!("read {src}")))?;
-                fs::write(&dst, data).map_err(ctx(format!("write {dst}")))?;
+            // Only world-readable files: nothing the host keeps private is copied.
+            Ok(m)
+                if m.is_file() && m.len() <= 4 << 20 && {
+                    use std::os::unix::fs::PermissionsExt;
+                    m.permissions().mode() & 0o004 != 0
+                } =>
+            {
+                moat_sys::fs::copy_small_file(&src, &dst, 0o644, 1 << 20)
+                    .map_err(ctx(format!("copy {src}")))?;
             }
             _ => {}
         }
     }
     for d in ETC_DIRS {
-        let src = format!("/oldroot/etc/{d}");
+        let src = format!("/etc/{d}");
         if fs::symlink_metadata(&src).is_ok_and(|m| m.is_dir()) {
             let dst = format!("{etc}/{d}");
             mkdir_p(&dst)?;
             bind(&src, &dst, MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)?;
         }
     }
-    let (uid, gid) = (ids.uid, ids.gid);
+    let (uid, gid) = (policy.process.uid, policy.process.gid);
     let home = &policy.fs.workdir;
     let host = &policy.process.hostname;
     let write = |name: &str, body: String| {
@@ -395,42 +474,4 @@ fn build_etc(policy: &Policy, ids: &Ids) -> io::Result<()> {
         ),
     )?;
     write("resolv.conf", "# no network in this sandbox\n".to_string())
-}
-
-fn build_dev(policy: &Policy) -> io::Result<()> {
-    let dev = nr("/dev");
-    tmpfs(
-        &dev,
-        MS_NOSUID | MS_NOEXEC,
-        "mode=0755,size=64k,nr_inodes=64",
-    )?;
-    for d in DEVICES {
-        let dst = format!("{dev}/{d}");
-        touch(&dst)?;
-        // One bind, no remount: nosuid/noexec mean nothing on a device node.
-        let src = format!("/oldroot/dev/{d}");
-        mount(Some(&src), &dst, None, MS_BIND | MS_SILENT, None)
-            .map_err(ctx(format!("bind {src}")))?;
-    }
-    mkdir_p(&format!("{dev}/pts"))?;
-    mount(
-        Some("devpts"),
-        &format!("{dev}/pts"),
-        Some("devpts"),
-        MS_NOSUID | MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620"),
-    )
-    .map_err(ctx("mount /dev/pts"))?;
-    symlink("pts/ptmx", format!("{dev}/ptmx"))?;
-    mkdir_p(&format!("{dev}/shm"))?;
-    tmpfs(
-        &format!("{dev}/shm"),
-        MS_NOSUID | MS_NODEV | MS_NOEXEC,
-        &format!("mode=1777,size={},nr_inodes=4096", policy.limits.tmp_size),
-    )?;
-    symlink("/proc/self/fd", format!("{dev}/fd"))?;
-    symlink("/proc/self/fd/0", format!("{dev}/stdin"))?;
-    symlink("/proc/self/fd/1", format!("{dev}/stdout"))?;
-    symlink("/proc/self/fd/2", format!("{dev}/stderr"))?;
-    remount_ro(&dev)
 }
