@@ -387,6 +387,15 @@ fn init_main(
             sys::exit_now(125);
         }
     };
+    // Empty the bounding set now (while the parent may still be making the cgroup): the
+    // workload inherits it, so nothing it ever executes can gain a capability.
+    if let Err(e) = moat_sys::caps::drop_bounding_and_ambient() {
+        report(
+            st_w,
+            &format!("error drop the capability bounding set: {e}"),
+        );
+        sys::exit_now(125);
+    }
     // Die with moat. Set again here: becoming root of the user namespace (set_ids) changed our
     // euid, and the kernel clears the parent-death signal on every such change. If moat died
     // before this point, the read below sees EOF and we exit.
@@ -466,7 +475,6 @@ fn init_main(
     // init keeps nothing it does not need: not dumpable (set earlier), no new privileges, the
     // same seccomp filter as the workload, and one capability: CAP_KILL (in the sandbox's user
     // namespace only), so it can relay Ctrl-C and friends to a workload under another uid.
-    let _ = moat_sys::caps::drop_bounding_and_ambient();
     let _ = moat_sys::caps::keep_only(1 << moat_sys::caps::CAP_KILL);
     let _ = sys::set_no_new_privs();
     let _ = moat_sys::seccomp::install(prog);
@@ -614,7 +622,8 @@ impl Workload<'_> {
         sys::set_rlimit(libc::RLIMIT_NOFILE, l.nofile).map_err(e("rlimit nofile"))?;
         sys::set_rlimit(libc::RLIMIT_FSIZE, l.fsize).map_err(e("rlimit fsize"))?;
         sys::set_rlimit(libc::RLIMIT_STACK, l.stack).map_err(e("rlimit stack"))?;
-        moat_sys::caps::drop_bounding_and_ambient().map_err(e("drop capabilities"))?;
+        // The bounding set is already empty (init emptied it before forking us).
+        moat_sys::caps::clear_ambient().map_err(e("clear ambient capabilities"))?;
         sys::set_ids(p.process.uid, p.process.gid, self.set_groups).map_err(e("set uid/gid"))?;
         moat_sys::caps::clear_all().map_err(e("clear capabilities"))?;
         sys::set_no_new_privs().map_err(e("no_new_privs"))?;
@@ -683,17 +692,9 @@ impl Workload<'_> {
         rs.allow("/proc", read | ll::ACCESS_FS_WRITE_FILE)?;
         let dev =
             read | ll::ACCESS_FS_WRITE_FILE | ll::ACCESS_FS_IOCTL_DEV | ll::ACCESS_FS_TRUNCATE;
-        for d in [
-            "/dev/null",
-            "/dev/zero",
-            "/dev/full",
-            "/dev/random",
-            "/dev/urandom",
-            "/dev/tty",
-            "/dev/pts",
-        ] {
-            rs.allow(d, dev)?;
-        }
+        // One rule for /dev: it is read-only, so write rights only reach the device nodes moat
+        // bound there (null, zero, full, random, urandom, tty) and the private devpts.
+        rs.allow("/dev", dev)?;
         rs.allow("/dev/shm", all)?;
         rs.allow("/tmp", all)?;
         rs.allow(&self.policy.fs.workdir, all)?;

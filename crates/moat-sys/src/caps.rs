@@ -54,6 +54,21 @@ pub fn drop_bounding_and_ambient() -> io::Result<()> {
     .map(drop)
 }
 
+/// Clears the ambient set.
+pub fn clear_ambient() -> io::Result<()> {
+    // SAFETY: integer arguments only.
+    cvt(unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    })
+    .map(drop)
+}
+
 /// Empties the effective, permitted and inheritable sets of this thread.
 pub fn clear_all() -> io::Result<()> {
     let mut hdr = CapHeader {
