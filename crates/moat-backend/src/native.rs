@@ -62,6 +62,25 @@ pub struct RunRequest {
     pub stdin: bool,
 }
 
+/// `MOAT_TRACE=1`: each side prints when it reaches each phase of a start, in microseconds
+/// since `moat run` began (`moat-trace: host cloned 812`), to show where a start's time goes.
+#[derive(Clone, Copy)]
+struct Trace {
+    on: bool,
+    start: Instant,
+}
+
+impl Trace {
+    fn mark(&self, side: &str, phase: &str) {
+        if self.on {
+            eprintln!(
+                "moat-trace: {side} {phase} {}",
+                self.start.elapsed().as_micros()
+            );
+        }
+    }
+}
+
 /// Signals the parent relays to the sandbox.
 const RELAYED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 /// Signals init handles.
@@ -173,6 +192,10 @@ fn make_cgroup(
 /// files it then writes itself into, which is much faster than the parent moving it).
 pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
     let started = Instant::now();
+    let trace = Trace {
+        on: std::env::var_os("MOAT_TRACE").is_some_and(|v| v == "1"),
+        start: started,
+    };
     req.policy
         .validate()
         .map_err(|e| RunError::Refused(e.to_string()))?;
@@ -220,6 +243,7 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
         | sys::CLONE_NEWNET
         | sys::CLONE_NEWIPC
         | sys::CLONE_NEWUTS;
+    trace.mark("host", "clone");
     let (pid, pidfd) = match sys::clone_fork(flags) {
         Err(e) => {
             let _ = sys::set_signal_mask(&old_mask);
@@ -242,7 +266,16 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
             let argv = &req.argv;
             let landlock_abi = plan.landlock_abi;
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                init_main(policy, argv, rootless, landlock_abi, prog, &mountpoint, fds)
+                init_main(
+                    policy,
+                    argv,
+                    rootless,
+                    landlock_abi,
+                    prog,
+                    &mountpoint,
+                    fds,
+                    trace,
+                )
             }));
             sys::exit_now(125);
         }
@@ -250,6 +283,7 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
     };
     drop((sync_r, st_w, in_r, out_w, err_w));
 
+    trace.mark("host", "cloned");
     // Parent: map ids and release the child to build its root; meanwhile make its cgroup.
     let mut cg: Option<Cgroup> = None;
     let setup = (|| -> Result<(), RunError> {
@@ -261,6 +295,7 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
         fs::write(format!("/proc/{pid}/uid_map"), uid_map).map_err(io_ctx("write uid_map"))?;
         fs::write(format!("/proc/{pid}/gid_map"), gid_map).map_err(io_ctx("write gid_map"))?;
         sys::write_all(sync_w.as_raw_fd(), b"G").map_err(io_ctx("start the sandbox"))?;
+        trace.mark("host", "released");
         cg = make_cgroup(&req.policy, &name, &mut plan.missing)?;
         // "C", then the cgroup files init writes "0" to itself (v1), then a NUL.
         let mut msg = b"C".to_vec();
@@ -278,6 +313,7 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
                 None => cg.add(pid).map_err(|e| RunError::Setup(e.to_string()))?,
             }
         }
+        trace.mark("host", "cgroup-ready");
         msg.push(0);
         sys::write_all(sync_w.as_raw_fd(), &msg).map_err(io_ctx("start the sandbox"))?;
         Ok(())
@@ -297,6 +333,7 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
     let outcome = relay.run(pid, &pidfd, &sigfd, started);
     let _ = sys::set_signal_mask(&old_mask);
 
+    trace.mark("host", "sandbox-exited");
     let oom = cg.as_ref().is_some_and(|c| c.oom_kills() > 0);
     let cgroup_version = cg
         .as_ref()
@@ -304,6 +341,7 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
     if let Some(cg) = cg.as_mut() {
         cg.destroy();
     }
+    trace.mark("host", "cleaned-up");
     drop(ids);
 
     Ok(outcome.into_result(
@@ -365,6 +403,7 @@ fn init_main(
     prog: &[SockFilter],
     mountpoint: &str,
     fds: ChildFds,
+    trace: Trace,
 ) -> ! {
     let _ = sys::set_parent_death_signal(libc::SIGKILL);
     let mut go = [0u8; 1];
@@ -379,6 +418,7 @@ fn init_main(
     // Our argv and environ are still moat's, which name host paths, mount sources and --env
     // values: /proc/1/cmdline is world-readable.
     let _ = sys::scrub_cmdline_and_environ("moat-init");
+    trace.mark("init", "released");
     let st_w = fds.st_w.as_raw_fd();
     let root = match init_setup(policy, rootless, mountpoint) {
         Ok(root) => root,
@@ -406,6 +446,7 @@ fn init_main(
     // Wait for the sandbox's cgroup; join it (v1: by writing ourselves in, while the host's
     // cgroupfs is still reachable), take a cgroup namespace rooted there (so /proc/self/cgroup
     // shows "/"), then switch to the sandbox's root.
+    trace.mark("init", "root-built");
     let msg = read_until_nul(fds.sync_r.as_raw_fd());
     drop(fds.sync_r);
     let Some(files) = msg.strip_prefix(b"C") else {
@@ -425,6 +466,7 @@ fn init_main(
         report(st_w, &format!("error cgroup namespace: {e}"));
         sys::exit_now(125);
     }
+    trace.mark("init", "cgroup-joined");
     if let Err(e) = rootfs::enter(&root) {
         report(st_w, &format!("error {e}"));
         sys::exit_now(125);
@@ -469,7 +511,9 @@ fn init_main(
         }
     };
     drop((fds.in_r, fds.out_w, fds.err_w, xe_w));
+    trace.mark("init", "workload-forked");
     let exec_error = read_to_end(xe_r.as_raw_fd());
+    trace.mark("init", "workload-execed");
     drop(xe_r);
 
     // init keeps nothing it does not need: not dumpable (set earlier), no new privileges, the
@@ -495,6 +539,7 @@ fn init_main(
             }
         }
     }
+    trace.mark("init", "workload-reaped");
     let Some(s) = status else { sys::exit_now(125) };
     if !exec_error.is_empty() {
         let text = String::from_utf8_lossy(&exec_error).into_owned();
