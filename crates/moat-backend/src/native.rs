@@ -395,6 +395,7 @@ fn report(st_w: RawFd, line: &str) {
 }
 
 /// PID 1 of the sandbox. Never returns.
+#[allow(clippy::too_many_arguments)]
 fn init_main(
     policy: &Policy,
     argv: &[String],
