@@ -73,10 +73,12 @@ struct Trace {
 impl Trace {
     fn mark(&self, side: &str, phase: &str) {
         if self.on {
-            eprintln!(
-                "moat-trace: {side} {phase} {}",
+            // One write, so the lines of init and of moat do not interleave.
+            let line = format!(
+                "moat-trace: {side} {phase} {}\n",
                 self.start.elapsed().as_micros()
             );
+            let _ = sys::write_all(2, line.as_bytes());
         }
     }
 }
@@ -243,6 +245,7 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
         | sys::CLONE_NEWNET
         | sys::CLONE_NEWIPC
         | sys::CLONE_NEWUTS;
+    let cpus = sys::affinity(0).ok();
     trace.mark("host", "clone");
     let (pid, pidfd) = match sys::clone_fork(flags) {
         Err(e) => {
@@ -275,6 +278,7 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
                     &mountpoint,
                     fds,
                     trace,
+                    cpus,
                 )
             }));
             sys::exit_now(125);
@@ -282,6 +286,12 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
         Ok(Forked::Parent { pid, pidfd }) => (pid, pidfd),
     };
     drop((sync_r, st_w, in_r, out_w, err_w));
+    // Start init on a CPU other than ours: it builds its root while we make its cgroup, and a
+    // freshly forked child otherwise queues behind its parent on the same CPU. Init gives the
+    // full set back before it starts the workload.
+    if let Some(other) = other_cpu(&cpus) {
+        let _ = sys::set_affinity(pid, &sys::single_cpu(other));
+    }
 
     trace.mark("host", "cloned");
     // Parent: map ids and release the child to build its root; meanwhile make its cgroup.
@@ -358,6 +368,13 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
     ))
 }
 
+/// A CPU of `cpus` other than the one this thread runs on, if there is one.
+fn other_cpu(cpus: &Option<libc::cpu_set_t>) -> Option<usize> {
+    let cpus = cpus.as_ref()?;
+    let me = sys::current_cpu()?;
+    (0..1024).find(|&c| c != me && sys::cpu_in(cpus, c))
+}
+
 /// A cgroup `moat-s<slot>-...` is stale when its slot lock is free; `moat-p<pid>-...` when
 /// that process is gone.
 fn stale_cgroup(name: &str) -> bool {
@@ -405,6 +422,7 @@ fn init_main(
     mountpoint: &str,
     fds: ChildFds,
     trace: Trace,
+    cpus: Option<libc::cpu_set_t>,
 ) -> ! {
     let _ = sys::set_parent_death_signal(libc::SIGKILL);
     let mut go = [0u8; 1];
@@ -468,6 +486,9 @@ fn init_main(
         sys::exit_now(125);
     }
     trace.mark("init", "cgroup-joined");
+    if let Some(cpus) = &cpus {
+        let _ = sys::set_affinity(0, cpus);
+    }
     if let Err(e) = rootfs::enter(&root) {
         report(st_w, &format!("error {e}"));
         sys::exit_now(125);

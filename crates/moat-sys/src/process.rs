@@ -477,3 +477,43 @@ pub fn scrub_cmdline_and_environ(title: &str) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// The CPUs `pid` (0: this thread) may run on.
+pub fn affinity(pid: libc::pid_t) -> io::Result<libc::cpu_set_t> {
+    // SAFETY: cpu_set_t is plain data; zeroed is an empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live cpu_set_t of the size passed.
+    cvt(unsafe { libc::sched_getaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) })?;
+    Ok(set)
+}
+
+/// Sets the CPUs `pid` (0: this thread) may run on.
+pub fn set_affinity(pid: libc::pid_t, set: &libc::cpu_set_t) -> io::Result<()> {
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    cvt(unsafe { libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), set) })
+        .map(drop)
+}
+
+/// A set holding only `cpu`.
+pub fn single_cpu(cpu: usize) -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is plain data; zeroed is an empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu < 8 * std::mem::size_of::<libc::cpu_set_t>() {
+        // SAFETY: `cpu` is within the set's bit array (checked above).
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    set
+}
+
+/// The CPU this thread runs on now.
+pub fn current_cpu() -> Option<usize> {
+    // SAFETY: no arguments.
+    let c = unsafe { libc::sched_getcpu() };
+    (c >= 0).then_some(c as usize)
+}
+
+/// Whether `cpu` is in `set`.
+pub fn cpu_in(set: &libc::cpu_set_t, cpu: usize) -> bool {
+    // SAFETY: `cpu` is within the set's bit array (checked first).
+    cpu < 8 * std::mem::size_of::<libc::cpu_set_t>() && unsafe { libc::CPU_ISSET(cpu, set) }
+}
