@@ -260,3 +260,17 @@ fn custom_root_directory() {
     );
     assert!(r.stdout.ends_with("ro\n"), "{}", r.stdout);
 }
+
+#[test]
+fn init_reaps_orphans() {
+    // Orphans (double-forked children that exit) are reparented to init, which must reap them:
+    // after they exit, no zombie is left while the workload still runs.
+    let r = sh(
+        &[],
+        "for i in 1 2 3 4 5; do (sh -c 'exit 0' &) ; done; sleep 0.3; \
+         z=0; for s in /proc/[0-9]*/stat; do case $(cut -d' ' -f3 $s 2>/dev/null) in Z) z=$((z+1));; esac; done; \
+         echo zombies=$z; cut -d' ' -f1,2 /proc/1/stat",
+    );
+    assert_eq!(r.status, Status::Ok, "{r:?}");
+    assert_eq!(r.stdout, "zombies=0\n1 (moat)\n");
+}
