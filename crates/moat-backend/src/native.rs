@@ -83,6 +83,15 @@ impl Trace {
     }
 }
 
+/// The namespaces a sandbox is cloned into (the cgroup namespace follows once init is in its
+/// cgroup).
+pub const NAMESPACES: libc::c_int = sys::CLONE_NEWUSER
+    | sys::CLONE_NEWPID
+    | sys::CLONE_NEWNS
+    | sys::CLONE_NEWNET
+    | sys::CLONE_NEWIPC
+    | sys::CLONE_NEWUTS;
+
 /// Signals the parent relays to the sandbox.
 const RELAYED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 /// Signals init handles.
@@ -239,12 +248,7 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
         }
     };
 
-    let flags = sys::CLONE_NEWUSER
-        | sys::CLONE_NEWPID
-        | sys::CLONE_NEWNS
-        | sys::CLONE_NEWNET
-        | sys::CLONE_NEWIPC
-        | sys::CLONE_NEWUTS;
+    let flags = NAMESPACES;
     let cpus = sys::affinity(0).ok();
     trace.mark("host", "clone");
     let (pid, pidfd) = match sys::clone_fork(flags) {

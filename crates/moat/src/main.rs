@@ -212,13 +212,7 @@ fn cmd_run(a: RunArgs) -> i32 {
 /// Creates a throwaway user namespace (with pid, mount, net, ipc, uts) to prove it works.
 fn try_userns() -> Result<(), String> {
     use moat_sys::process as sys;
-    let flags = sys::CLONE_NEWUSER
-        | sys::CLONE_NEWPID
-        | sys::CLONE_NEWNS
-        | sys::CLONE_NEWNET
-        | sys::CLONE_NEWIPC
-        | sys::CLONE_NEWUTS;
-    match sys::clone_fork(flags) {
+    match sys::clone_fork(moat_backend::native::NAMESPACES) {
         Ok(sys::Forked::Child) => sys::exit_now(0),
         Ok(sys::Forked::Parent { pid, .. }) => match sys::wait4(pid, libc::__WALL) {
             Ok(Some(i)) if i.code == Some(0) => Ok(()),
