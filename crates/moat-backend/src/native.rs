@@ -5,14 +5,16 @@
 //!
 //! ```text
 //! moat (host) ──clone(NEWUSER|NEWPID|NEWNS|NEWNET|NEWIPC|NEWUTS)──▶ init (PID 1, ns root)
-//!    │ writes uid/gid maps, joins cgroup, says "go"                  │ builds the root, forks
+//!    │ writes the id maps, "G" ─────────────────────────────────▶   │ builds the root (another CPU)
+//!    │ makes the cgroup, "C" + its files ───────────────────────▶   │ joins it, pivots, forks
 //!    │ relays stdin/stdout/stderr, enforces timeout and output caps  ▼
 //!    │ reads the status line                                       workload (uid 1000, no caps,
-//!    ▼                                                             no_new_privs, Landlock, seccomp)
+//!    ▼ removes the cgroup                                          no_new_privs, Landlock, seccomp)
 //! ```
 //!
 //! When init exits, the kernel kills every process left in the pid namespace, so a timeout or
-//! a kill only has to kill init: double-forked processes die with it.
+//! a kill only has to kill init: double-forked processes die with it. Init dies with moat
+//! (parent-death signal), so a killed moat leaves nothing running either.
 
 use crate::cgroup::{self, Cgroup};
 use crate::idmap::IdMap;
