@@ -170,9 +170,11 @@ pub fn build(policy: &Policy, ids: &Ids, mountpoint: &str) -> io::Result<String>
     }
     let default_root = fs_.root.is_none();
     if default_root {
+        // noexec: nothing on the root tmpfs itself (/etc, the /dev entries) is a program;
+        // /usr, /tmp and the working directory are mounts of their own.
         tmpfs(
             &root,
-            MS_NOSUID | MS_NODEV,
+            MS_NOSUID | MS_NODEV | MS_NOEXEC,
             "mode=0755,size=2m,nr_inodes=4096",
         )?;
         populate(policy, &root)?;
