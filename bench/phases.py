@@ -7,11 +7,18 @@ Runs moat with MOAT_TRACE=1, which prints `moat-trace: SIDE PHASE MICROSECONDS` 
 `moat run` started) on stderr, and prints the median time of each mark and of each step
 between consecutive marks.
 """
-import argparse, collections, os, statistics, subprocess
+import argparse, glob, collections, os, statistics, subprocess
+
+
+def default_moat():
+    """The release build: target/<host triple>/release/moat (see .cargo/config.toml)."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target")
+    found = sorted(glob.glob(os.path.join(root, "*", "release", "moat")))
+    return found[0] if found else os.path.join(root, "release", "moat")
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--runs", type=int, default=200)
-ap.add_argument("--moat", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "moat"))
+ap.add_argument("--moat", default=default_moat())
 a = ap.parse_args()
 marks = collections.defaultdict(list)
 order = []

@@ -7,7 +7,14 @@ Each round runs every command once, in a rotating order, timing the whole proces
 reap) with posix_spawn + waitpid. Prints medians, p90 and p99 per command and the ratio of
 each median to bubblewrap's, and writes the figures as JSON. See ../../shared/BENCH.md.
 """
-import argparse, json, os, platform, shutil, statistics, subprocess, sys, time
+import argparse, glob, json, os, platform, shutil, statistics, subprocess, sys, time
+
+
+def default_moat():
+    """The release build: target/<host triple>/release/moat (see .cargo/config.toml)."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target")
+    found = sorted(glob.glob(os.path.join(root, "*", "release", "moat")))
+    return found[0] if found else os.path.join(root, "release", "moat")
 
 def cmds(moat):
     bwrap = shutil.which("bwrap")
@@ -48,7 +55,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--moat", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "moat"))
+    ap.add_argument("--moat", default=default_moat())
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     moat = os.path.abspath(a.moat)
