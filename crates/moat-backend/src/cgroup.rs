@@ -68,6 +68,8 @@ pub struct Host {
     pub parents: Vec<(Controller, PathBuf)>,
     /// Controllers that are missing or not writable here, with the reason.
     pub missing: Vec<(Controller, String)>,
+    /// v2: the hierarchy's root directory (its mount point), when this process can see it.
+    pub v2_root: Option<PathBuf>,
 }
 
 struct MountEntry {
@@ -161,6 +163,7 @@ impl Host {
                     version: Version::V2,
                     parents: Vec::new(),
                     missing: Vec::new(),
+                    v2_root: (m2.root == "/").then(|| PathBuf::from(&m2.mount_point)),
                 };
                 let Some(own) = own else {
                     for c in Controller::ALL {
@@ -200,6 +203,7 @@ impl Host {
             version: Version::V1,
             parents: Vec::new(),
             missing: Vec::new(),
+            v2_root: None,
         };
         for c in Controller::ALL {
             let mount = v1_mounts
@@ -249,6 +253,9 @@ fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
 impl Cgroup {
     /// Creates `name` under each usable parent and applies the limits.
     pub fn create(host: &Host, name: &str, limits: Limits) -> Result<Cgroup, CgroupError> {
+        let mut host = host.clone();
+        host.resolve()?;
+        let host = &host;
         if host.parents.is_empty() {
             return Err(CgroupError::Unavailable(
                 host.missing
@@ -272,7 +279,8 @@ impl Cgroup {
             }
             Version::V2 => {
                 let parent = &host.parents[0].1;
-                enable_v2_controllers(parent, &host.parents)?;
+                let names: Vec<&str> = host.parents.iter().map(|(c, _)| c.name()).collect();
+                enable_v2_controllers(parent, &names)?;
                 let dir = parent.join(name);
                 fs::create_dir(&dir).map_err(io_err(&dir, "mkdir"))?;
                 for (c, _) in &host.parents {
@@ -432,38 +440,101 @@ impl Drop for Cgroup {
     }
 }
 
-/// cgroup v2: enables the controllers in `parent`'s subtree. When `parent` holds processes
-/// (the no-internal-processes rule), moves this process into a leaf child first.
-fn enable_v2_controllers(
-    parent: &Path,
-    ctrls: &[(Controller, PathBuf)],
-) -> Result<(), CgroupError> {
-    let sc = parent.join("cgroup.subtree_control");
+impl Host {
+    /// cgroup v2: settles where sandbox cgroups go (rewriting `parents`), enabling the
+    /// controllers there. v2 allows no processes in a cgroup whose children use controllers,
+    /// so, in order:
+    /// 1. `$MOAT_CGROUP_PARENT` (a path in the hierarchy), when set;
+    /// 2. moat's own cgroup, when its controllers can be enabled for children (moat runs in a
+    ///    delegated cgroup with no processes of its own, or one already prepared);
+    /// 3. moat's own cgroup, when moat is its only process: moat moves itself into a leaf
+    ///    `moat-supervisor-PID` first (e.g. under `systemd-run --scope -p Delegate=yes`, or a
+    ///    test's fence);
+    /// 4. as root: `moat/` under the hierarchy's root;
+    /// 5. otherwise an error that says how to give moat a cgroup of its own.
+    ///
+    /// Does nothing on v1 or when nothing is usable.
+    pub fn resolve(&mut self) -> Result<(), CgroupError> {
+        if self.version != Version::V2 || self.parents.is_empty() {
+            return Ok(());
+        }
+        let own = self.parents[0].1.clone();
+        let names: Vec<&str> = self.parents.iter().map(|(c, _)| c.name()).collect();
+        let chosen = choose_v2_parent(
+            &own,
+            self.v2_root.as_deref(),
+            &names,
+            std::env::var_os("MOAT_CGROUP_PARENT").as_deref(),
+        )?;
+        for p in &mut self.parents {
+            p.1 = chosen.clone();
+        }
+        Ok(())
+    }
+}
+
+fn choose_v2_parent(
+    own: &Path,
+    root: Option<&Path>,
+    names: &[&str],
+    explicit: Option<&std::ffi::OsStr>,
+) -> Result<PathBuf, CgroupError> {
+    if let Some(p) = explicit {
+        let Some(root) = root else {
+            return Err(CgroupError::Unavailable(
+                "MOAT_CGROUP_PARENT is set but the cgroup v2 root is not visible here".into(),
+            ));
+        };
+        let rel = Path::new(p);
+        let dir = root.join(rel.strip_prefix("/").unwrap_or(rel));
+        fs::create_dir_all(&dir).map_err(io_err(&dir, "mkdir"))?;
+        enable_v2_controllers(&dir, names)?;
+        return Ok(dir);
+    }
+    if enable_v2_controllers(own, names).is_ok() {
+        return Ok(own.to_path_buf());
+    }
+    let me = std::process::id().to_string();
+    let procs = fs::read_to_string(own.join("cgroup.procs")).unwrap_or_default();
+    if procs.lines().all(|l| l.trim() == me) {
+        let leaf = own.join(format!("moat-supervisor-{me}"));
+        match fs::create_dir(&leaf) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(&leaf, "mkdir")(e)),
+        }
+        write(&leaf.join("cgroup.procs"), "0")?;
+        enable_v2_controllers(own, names)?;
+        return Ok(own.to_path_buf());
+    }
+    if let (Some(root), 0) = (root, moat_sys::process::effective_uid()) {
+        let dir = root.join("moat");
+        fs::create_dir_all(&dir).map_err(io_err(&dir, "mkdir"))?;
+        let _ = enable_v2_controllers(root, names);
+        enable_v2_controllers(&dir, names)?;
+        return Ok(dir);
+    }
+    Err(CgroupError::Unavailable(format!(
+        "{} holds other processes, so cgroup v2 lets moat create no limited cgroups under it: \
+         start moat in a cgroup of its own (`systemd-run --user --scope -p Delegate=yes moat \
+         run ...`) or set MOAT_CGROUP_PARENT to a delegated cgroup",
+        own.display()
+    )))
+}
+
+/// cgroup v2: enables the controllers `names` for `dir`'s children (no-op when they are).
+fn enable_v2_controllers(dir: &Path, names: &[&str]) -> Result<(), CgroupError> {
+    let sc = dir.join("cgroup.subtree_control");
     let current = fs::read_to_string(&sc).unwrap_or_default();
-    let want: Vec<&str> = ctrls
+    let want: Vec<String> = names
         .iter()
-        .map(|(c, _)| c.name())
-        .filter(|n| !current.split_whitespace().any(|x| x == *n))
+        .filter(|n| !current.split_whitespace().any(|x| x == **n))
+        .map(|n| format!("+{n}"))
         .collect();
     if want.is_empty() {
         return Ok(());
     }
-    let line = want
-        .iter()
-        .map(|n| format!("+{n}"))
-        .collect::<Vec<_>>()
-        .join(" ");
-    if fs::write(&sc, &line).is_ok() {
-        return Ok(());
-    }
-    let leaf = parent.join(format!("moat-supervisor-{}", std::process::id()));
-    match fs::create_dir(&leaf) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io_err(&leaf, "mkdir")(e)),
-    }
-    write(&leaf.join("cgroup.procs"), "0")?;
-    write(&sc, &line)
+    write(&sc, &want.join(" "))
 }
 
 /// Removes empty sandbox cgroups left by a moat that was killed before it could clean up.
@@ -520,6 +591,7 @@ mod tests {
             version: Version::V2,
             parents: Controller::ALL.iter().map(|c| (*c, root.clone())).collect(),
             missing: Vec::new(),
+            v2_root: Some(root.clone()),
         };
         let mut cg = Cgroup::create(
             &host,
@@ -549,6 +621,35 @@ mod tests {
         .unwrap();
         assert_eq!(cg.oom_kills(), 2);
         cg.dirs.clear();
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn v2_explicit_parent_is_created_and_enabled() {
+        let root = std::env::temp_dir().join(format!("moat-cgv2e-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(root.join("own")).unwrap();
+        let got = choose_v2_parent(
+            &root.join("own"),
+            Some(&root),
+            &["memory", "pids"],
+            Some(std::ffi::OsStr::new("/moat.slice/sandboxes")),
+        )
+        .unwrap();
+        assert_eq!(got, root.join("moat.slice/sandboxes"));
+        assert_eq!(
+            fs::read_to_string(got.join("cgroup.subtree_control")).unwrap(),
+            "+memory +pids"
+        );
+        // Without MOAT_CGROUP_PARENT and with an own cgroup whose controllers can be enabled
+        // (here: a plain file accepts the write), the own cgroup is used.
+        let own = root.join("own");
+        let got = choose_v2_parent(&own, Some(&root), &["memory"], None).unwrap();
+        assert_eq!(got, own);
+        assert_eq!(
+            fs::read_to_string(own.join("cgroup.subtree_control")).unwrap(),
+            "+memory"
+        );
         let _ = fs::remove_dir_all(&root);
     }
 

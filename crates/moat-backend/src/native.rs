@@ -153,7 +153,16 @@ fn make_cgroup(
     name: &str,
     missing: &mut Vec<String>,
 ) -> Result<Option<Cgroup>, RunError> {
-    let host = cgroup::Host::detect();
+    let mut host = cgroup::Host::detect();
+    if let Err(e) = host.resolve() {
+        // cgroup v2 with no usable place for sandbox cgroups: as good as missing.
+        let why = e.to_string();
+        host.parents.clear();
+        host.missing = cgroup::Controller::ALL
+            .iter()
+            .map(|c| (*c, why.clone()))
+            .collect();
+    }
     if !host.missing.is_empty() {
         if !policy.security.allows_missing(Layer::Cgroups) {
             let reasons: Vec<String> = host
