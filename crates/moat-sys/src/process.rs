@@ -21,15 +21,20 @@ pub enum Forked {
 /// `clone(2)` with fork semantics (the child continues on a copy of the caller's stack) and
 /// the given namespace flags, returning a pidfd for the child.
 ///
-/// The caller must be single-threaded: like `fork`, only the calling thread exists in the
-/// child, so locks held by other threads would never be released there.
+/// Refused with `Unsupported` in a multi-threaded process: like `fork`, only the calling
+/// thread would exist in the child, so locks held by other threads would never be released
+/// there.
 pub fn clone_fork(ns_flags: libc::c_int) -> io::Result<Forked> {
+    if !is_single_threaded() {
+        return Err(multi_threaded());
+    }
     let mut pidfd: libc::c_int = -1;
     let flags = (ns_flags | libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong;
-    // SAFETY: raw clone with a null stack behaves like fork(2): the child gets a copy of the
-    // address space and continues here. `pidfd` outlives the call (CLONE_PIDFD writes the fd
-    // into it in the parent). x86_64 argument order is (flags, stack, parent_tid, child_tid,
-    // tls). The caller guarantees the process is single-threaded (documented above).
+    // Raw clone with a null stack behaves like fork(2): the child gets a copy of the address
+    // space and continues here; x86_64 argument order is (flags, stack, parent_tid,
+    // child_tid, tls).
+    // SAFETY: single-threaded (checked above); `pidfd` outlives the call (CLONE_PIDFD writes
+    // the new fd into it in the parent).
     let ret = unsafe {
         libc::syscall(
             libc::SYS_clone,
@@ -53,10 +58,21 @@ pub fn clone_fork(ns_flags: libc::c_int) -> io::Result<Forked> {
     }
 }
 
-/// `fork(2)`. Returns 0 in the child. Same single-threaded requirement as [`clone_fork`].
+/// `fork(2)`. Returns 0 in the child. Refused in a multi-threaded process, like
+/// [`clone_fork`].
 pub fn fork() -> io::Result<libc::pid_t> {
-    // SAFETY: plain fork; the caller is single-threaded (see clone_fork).
+    if !is_single_threaded() {
+        return Err(multi_threaded());
+    }
+    // SAFETY: plain fork in a single-threaded process (checked above).
     cvt(unsafe { libc::fork() })
+}
+
+fn multi_threaded() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "refusing to fork a multi-threaded process (use a single-threaded spawner)",
+    )
 }
 
 /// `unshare(2)`.
@@ -465,10 +481,10 @@ pub fn scrub_cmdline_and_environ(title: &str) -> io::Result<()> {
     let len = arg_end - arg_start;
     let t = title.as_bytes();
     let n = t.len().min(len.saturating_sub(1));
-    // SAFETY: [arg_start, arg_end) and [env_start, env_end) are this process's own argv and
-    // environ strings on its initial stack, reported by the kernel for this very process;
-    // they are mapped and writable, nothing else runs in this process (single-threaded
-    // forked child), and the caller promises not to read argv/environ through std again.
+    // [arg_start, arg_end) and [env_start, env_end) are this process's own argv and environ
+    // strings on its initial stack, reported by the kernel for this very process.
+    // SAFETY: that memory is mapped and writable, nothing else runs in this process (a
+    // single-threaded forked child), and the caller does not read argv/environ through std.
     unsafe {
         let p = arg_start as *mut u8;
         std::ptr::write_bytes(p, 0, len);
