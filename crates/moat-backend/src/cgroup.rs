@@ -407,16 +407,6 @@ impl Cgroup {
             .unwrap_or(0)
     }
 
-    /// Peak memory of the whole sandbox in bytes, when the kernel reports it.
-    pub fn memory_peak(&self) -> Option<u64> {
-        let d = self.dir(Controller::Memory)?;
-        let file = match self.version {
-            Version::V1 => d.join("memory.max_usage_in_bytes"),
-            Version::V2 => d.join("memory.peak"),
-        };
-        fs::read_to_string(file).ok()?.trim().parse().ok()
-    }
-
     /// Removes the directories, waiting briefly for exiting tasks to leave.
     pub fn destroy(&mut self) {
         let mut dirs: Vec<PathBuf> = self.dirs.drain(..).map(|(_, d)| d).collect();

@@ -103,14 +103,6 @@ impl IdMap {
         }
     }
 
-    /// The uid init runs as inside the sandbox.
-    pub fn init_uid(&self, workload_uid: u32) -> u32 {
-        match self {
-            IdMap::Range { .. } => 0,
-            IdMap::Single { .. } => workload_uid,
-        }
-    }
-
     /// A short tag for cgroup names.
     pub fn tag(&self) -> String {
         match self {
