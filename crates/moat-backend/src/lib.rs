@@ -2,6 +2,7 @@
 //! cgroups). The host probe behind `moat doctor` lives here too, since it answers "which
 //! tiers can this host run, and why not".
 
+pub mod agent_server;
 pub mod cgroup;
 pub mod idmap;
 pub mod native;
