@@ -20,20 +20,6 @@ fn probe(dir: &Path, args: &[&str], opts: &[&str]) -> ExecResult {
     r
 }
 
-/// The expected output of a probe: `RAN <action>` then `lines`.
-fn expect(action: &str, lines: &[String]) -> String {
-    let mut s = format!("RAN {action}\n");
-    for l in lines {
-        s.push_str(l);
-        s.push('\n');
-    }
-    s
-}
-
-fn host_has(path: &str) -> bool {
-    std::fs::symlink_metadata(path).is_ok()
-}
-
 /// Contents and modification time of a host file, to prove it was left alone.
 fn fingerprint(path: &Path) -> (Vec<u8>, std::time::SystemTime) {
     let data = std::fs::read(path).unwrap();

@@ -298,3 +298,18 @@ pub fn host_processes_matching(needle: &str) -> Vec<String> {
     }
     out
 }
+
+/// The expected output of an attack program: `RAN <action>` then `lines`, one a line.
+pub fn expect(action: &str, lines: &[String]) -> String {
+    let mut s = format!("RAN {action}\n");
+    for l in lines {
+        s.push_str(l);
+        s.push('\n');
+    }
+    s
+}
+
+/// Whether `path` exists on the host (without following a final symlink).
+pub fn host_has(path: &str) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
+}

@@ -17,19 +17,6 @@ fn probe(dir: &Path, args: &[&str], opts: &[&str]) -> ExecResult {
     r
 }
 
-fn expect(action: &str, lines: &[String]) -> String {
-    let mut s = format!("RAN {action}\n");
-    for l in lines {
-        s.push_str(l);
-        s.push('\n');
-    }
-    s
-}
-
-fn host_has(path: &str) -> bool {
-    std::fs::symlink_metadata(path).is_ok()
-}
-
 /// `moat run --json OPTS -- CMD` with `key=value` in moat's own environment (the harness
 /// passes the test's environment, which a test may not change safely). Fenced like the
 /// harness: a cgroup of its own with memory and pids limits, plus `timeout`.
