@@ -1271,8 +1271,23 @@ impl Store {
 
     /// Appends an event and returns its seq once it is committed and fsynced.
     pub fn append_event(&self, event: &Event) -> Result<u64> {
-        let seq: i64 = self
-            .conn
+        Self::insert_event(&self.conn, event)
+    }
+
+    /// Appends several events in one transaction (one fsync: the daemon's group commit) and
+    /// returns their seqs, in order, once they are committed. All or none are stored.
+    pub fn append_events(&self, events: &[Event]) -> Result<Vec<u64>> {
+        let tx = self.immediate("appending audit events")?;
+        let seqs = events
+            .iter()
+            .map(|e| Self::insert_event(&tx, e))
+            .collect::<Result<Vec<u64>>>()?;
+        tx.commit().map_err(sql("appending audit events"))?;
+        Ok(seqs)
+    }
+
+    fn insert_event(conn: &rusqlite::Connection, event: &Event) -> Result<u64> {
+        let seq: i64 = conn
             .prepare_cached(
                 "INSERT INTO events (ts, key_id, sandbox_id, sandbox_owner, kind, data)
                  VALUES (?1, ?2, ?3,

@@ -1241,3 +1241,19 @@ fn an_unknown_stored_value_is_reported_not_ignored() {
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
     assert!(err.to_string().contains("from_the_future"), "{err}");
 }
+
+#[test]
+fn append_events_commits_a_batch_in_order() {
+    let dir = TempDir::new("batch");
+    let store = Store::open(dir.path()).unwrap();
+    let before = store.last_seq().unwrap();
+    let batch: Vec<Event> = (0..5)
+        .map(|i| event(10 + i, None, None, EventKind::ApiCall))
+        .collect();
+    let seqs = store.append_events(&batch).unwrap();
+    assert_eq!(seqs, (before + 1..=before + 5).collect::<Vec<u64>>());
+    let got = store.events(&EventFilter::default()).unwrap();
+    let ts: Vec<u64> = got.iter().map(|(_, e)| e.ts).collect();
+    assert_eq!(ts, vec![10, 11, 12, 13, 14]);
+    assert!(store.append_events(&[]).unwrap().is_empty());
+}
