@@ -61,7 +61,7 @@
 //! ([`frame::StreamIds`]); ids are never reused, and even ids are kept for streams the
 //! agent may open in a later version. One request per stream. The agent answers on the
 //! same id; every stream ends with exactly one **final** response: `Exit`, `FileDone`,
-//! `Listing`, `StatResult`, `Ok`, `Metrics` or `Error`. `Started` is not final, except for
+//! `Listing`, `StatResult`, `Ok`, `Metrics`, `ProcList` or `Error`. `Started` is not final, except for
 //! a background `Exec`.
 //!
 //! After its final response a stream is closed. The agent silently drops frames for a
@@ -105,8 +105,9 @@
 //!   `timeout` and the signal.
 //! - `Cancel` on `s`: the agent kills the process group (SIGKILL) and ends the stream as
 //!   above, with status `killed`.
-//! - `background: true`: `Started` is the final frame; the process runs on with stdin and
-//!   output on `/dev/null`. `stdin` and `pty` must then be off.
+//! - `background: true`: `Started` is the final frame; the process runs on after the
+//!   stream and the connection end (see **Background processes**). `pty` must be off;
+//!   `stdin: true` gives it a pipe the host writes with `proc_stdin`, otherwise `/dev/null`.
 //! - `Signal { stream: s, signal }` and `Resize { stream: s, .. }` are requests of their
 //!   own, on a new stream `t`, answered `Ok` or `Error` (`not_found`: no live process of
 //!   `s`) on `t`.
@@ -140,6 +141,36 @@
 //! once and drops the rest of the stream's frames; the host stops sending when it sees the
 //! `Error`. A Cancel ends the stream with `Error { code: cancelled }`.
 //!
+//! **Background processes**: the agent retains the last 1 MiB of stdout and of stderr of
+//! every background process ([`msg::RETAINED_OUTPUT`]; older bytes are dropped) and
+//! remembers the 256 most recent finished ones.
+//!
+//! ```text
+//! → Request  s  {"type":"exec","argv":["sh","-c","cat"],"stdin":true,"background":true}
+//! ← Response s  {"type":"started","pid":9}                       (final)
+//! → Request  t  {"type":"proc_stdin","pid":9,"close":true}
+//! → Data     t  channel 0  "hello"
+//! → Eof      t  channel 0                   (end of this request's bytes; close: the pipe too)
+//! ← Response t  {"type":"ok"}                                    (final)
+//! → Request  u  {"type":"proc_output","pid":9,"follow":true}
+//! ← Response u  {"type":"started","pid":9}
+//! ← Data     u  channel 1  "hello"          (retained output first, then live output)
+//! ← Eof      u  channel 1
+//! ← Eof      u  channel 2
+//! ← Response u  {"type":"exit","exit_code":0,"signal":null,"status":"ok"}   (final)
+//! ```
+//!
+//! - `proc_output` without `follow` sends what is retained, Eof 1, Eof 2, then `Exit` if
+//!   the process has ended or `Ok` if it still runs. A Cancel on `u` ends the stream with
+//!   `Ok` and leaves the process alone. An unknown pid is `Error { not_found }`.
+//! - `proc_stdin` of a pid without an open stdin pipe is `Error { invalid_request }`.
+//! - `procs {}` answers `proc_list { procs }`, one [`msg::ProcInfo`] per background
+//!   process, running or finished.
+//! - When a connection closes, the agent kills (SIGKILL) the process groups of its
+//!   foreground execs; background processes keep running, and any later connection can
+//!   list them, read their output, write their stdin and signal them. The agent serves
+//!   up to 16 connections at once and closes further ones at once.
+//!
 //! **Other requests** are one request, one final response:
 //!
 //! | request | answer |
@@ -149,8 +180,10 @@
 //! | `mkdir { path, parents }` | `ok` |
 //! | `remove { path, recursive }` | `ok` (never follows symlinks) |
 //! | `rename { from, to }` | `ok` |
-//! | `metrics` | `metrics { cpu_ms, memory_bytes, pids }` of the whole sandbox |
+//! | `metrics` | `metrics { cpu_ms, memory_bytes, pids }` of the whole sandbox (the agent sums its pid namespace from `/proc`) |
 //! | `signal { stream, signal }`, `resize { stream, rows, cols }` | `ok` |
+//! | `signal_pid { pid, signal }` | `ok`: the signal went to the process group of a running process the agent started |
+//! | `procs {}` | `proc_list { procs }` |
 //!
 //! Any of them may instead be answered `error { code, message }`, with `code` one of
 //! [`msg::ErrorCode`]: `not_found`, `permission_denied`, `already_exists`,
@@ -162,7 +195,8 @@
 //! Payload 1 MiB; argv at most 4096 arguments and 1 MiB; env at most 4096 variables and
 //! 1 MiB, names `[A-Za-z_][A-Za-z0-9_]*`; no NUL in any argument, variable or path; paths
 //! absolute, non-empty, at most 4096 bytes (`..` is resolved by the agent inside the
-//! sandbox); `list_dir` depth at most 16; signals 1 to 64; modes at most `0o7777`;
+//! sandbox); `list_dir` depth at most 16; signals 1 to 64; pids 1 to 2^31-1; modes at
+//! most `0o7777`; a `proc_list` at most 1024 processes, each argv cut to 512 bytes;
 //! error messages at most 4096 bytes. Paths are UTF-8 in version 1.
 //!
 //! # Versioning
@@ -181,6 +215,6 @@ pub use frame::{
     HEADER_LEN,
 };
 pub use msg::{
-    Entry, EntryKind, ErrorCode, Hello, ProtoError, PtySize, Request, Response, Role,
+    Entry, EntryKind, ErrorCode, Hello, ProcInfo, ProtoError, PtySize, Request, Response, Role,
     PROTOCOL_VERSION,
 };

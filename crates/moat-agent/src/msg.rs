@@ -39,6 +39,15 @@ pub const MAX_ERROR_MESSAGE: usize = 4096;
 pub const MAX_FEATURES: usize = 64;
 /// Most bytes in one feature name.
 pub const MAX_FEATURE_LEN: usize = 64;
+/// Most processes in a `ProcList`: the agent keeps the 256 most recent finished background
+/// processes, and at most this many in all.
+pub const MAX_PROCS: usize = 1024;
+/// Most bytes of one process's argv in a [`ProcInfo`] (counting a NUL per argument); the
+/// agent cuts longer ones, so that a `ProcList` of [`MAX_PROCS`] fits in one frame.
+pub const MAX_PROC_ARGV_BYTES: usize = 512;
+/// Output the agent retains per channel (stdout, stderr) of a background process: the last
+/// 1 MiB; older bytes are dropped.
+pub const RETAINED_OUTPUT: usize = 1 << 20;
 
 /// Which end of the connection a peer is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -193,8 +202,10 @@ pub enum Request {
         /// Absolute working directory inside the sandbox. Default: the sandbox's own.
         #[serde(default)]
         cwd: Option<String>,
-        /// Whether the host will send stdin (Data and Eof on channel 0). When false the
-        /// process reads `/dev/null`. Default: false.
+        /// Whether the process gets a stdin pipe. In the foreground the host sends stdin as
+        /// Data and Eof on channel 0 of this stream; in the background the agent keeps the
+        /// pipe open for `ProcStdin`. When false the process reads `/dev/null`.
+        /// Default: false.
         #[serde(default)]
         stdin: bool,
         /// Run on a new pseudo-terminal of this size: stdin, stdout and stderr are the
@@ -205,10 +216,11 @@ pub enum Request {
         /// status `timeout`. At least 1. Default: none.
         #[serde(default)]
         timeout_ms: Option<u64>,
-        /// Detach: the agent answers `Started` as the last frame of the stream, connects
-        /// stdout and stderr to `/dev/null`, and keeps the process running after the stream
-        /// ends; `Signal` can still name the stream. Incompatible with `stdin` and `pty`.
-        /// Default: false.
+        /// Detach: the agent answers `Started` as the last frame of the stream and keeps the
+        /// process running after the stream and the connection end. It retains the last
+        /// [`RETAINED_OUTPUT`] bytes of stdout and of stderr for `ProcOutput`; `stdin`
+        /// gives a pipe for `ProcStdin`. `Signal` can still name the stream, `SignalPid`
+        /// the pid. Incompatible with `pty`. Default: false.
         #[serde(default)]
         background: bool,
     },
@@ -294,6 +306,40 @@ pub enum Request {
     /// Resource use of the whole sandbox. Answer: `Metrics`, or `Error`. (An empty struct
     /// variant, not a unit one, so that serde rejects unknown fields in it.)
     Metrics {},
+    /// The background processes the agent started, running or finished (the 256 most
+    /// recent finished ones). Answer: `ProcList`.
+    Procs {},
+    /// The retained output of a background process, from the start of what is retained.
+    /// Answer: `Started { pid }`, Data on channels 1 and 2, then (with `follow`) live output
+    /// until the process exits, Eof 1, Eof 2, then `Exit` when the process has ended or
+    /// `Ok` when it still runs; `Error { not_found }` for an unknown pid. A Cancel ends the
+    /// stream (final `Ok`) and leaves the process alone.
+    ProcOutput {
+        /// A pid from `Started` of a background `Exec`.
+        pid: u32,
+        /// Keep streaming live output until the process exits. Default: false.
+        #[serde(default)]
+        follow: bool,
+    },
+    /// Write to the stdin pipe of a background process: the host sends Data on channel 0
+    /// and one Eof on channel 0 (the end of this request's bytes, not necessarily of the
+    /// pipe). Answer: `Ok` after the Eof; `Error` (`not_found` for an unknown pid,
+    /// `invalid_request` when the process has no open stdin pipe).
+    ProcStdin {
+        /// A pid from `Started` of a background `Exec` with `stdin`.
+        pid: u32,
+        /// Close the pipe at the Eof (the process then reads end of file). Default: false.
+        #[serde(default)]
+        close: bool,
+    },
+    /// Send `signal` to the process group of a process the agent started (foreground or
+    /// background, still running). Answer: `Ok`, or `Error { not_found }`.
+    SignalPid {
+        /// The pid from `Started`.
+        pid: u32,
+        /// Signal number, 1 to 64.
+        signal: i32,
+    },
 }
 
 impl Request {
@@ -328,6 +374,22 @@ impl Request {
             Request::Remove { .. } => "remove",
             Request::Rename { .. } => "rename",
             Request::Metrics {} => "metrics",
+            Request::Procs {} => "procs",
+            Request::ProcOutput { .. } => "proc_output",
+            Request::ProcStdin { .. } => "proc_stdin",
+            Request::SignalPid { .. } => "signal_pid",
+        }
+    }
+
+    /// Whether the host sends Data and Eof on channel 0 of this request's stream: a
+    /// foreground `Exec` with `stdin`, a `WriteFile`, a `ProcStdin`.
+    pub fn takes_stdin(&self) -> bool {
+        match self {
+            Request::Exec {
+                stdin, background, ..
+            } => *stdin && !*background,
+            Request::WriteFile { .. } | Request::ProcStdin { .. } => true,
+            _ => false,
         }
     }
 
@@ -339,7 +401,7 @@ impl Request {
                 argv,
                 env,
                 cwd,
-                stdin,
+                stdin: _,
                 pty,
                 timeout_ms,
                 background,
@@ -355,9 +417,6 @@ impl Request {
                 if *timeout_ms == Some(0) {
                     return Err(ProtoError::ZeroTimeout);
                 }
-                if *background && *stdin {
-                    return Err(ProtoError::BackgroundConflict { what: "stdin" });
-                }
                 if *background && pty.is_some() {
                     return Err(ProtoError::BackgroundConflict { what: "a pty" });
                 }
@@ -365,10 +424,7 @@ impl Request {
             }
             Request::Signal { stream, signal } => {
                 validate_stream(*stream)?;
-                if !(1..=MAX_SIGNAL).contains(signal) {
-                    return Err(ProtoError::InvalidSignal { signal: *signal });
-                }
-                Ok(())
+                validate_signal(*signal)
             }
             Request::Resize { stream, rows, cols } => {
                 validate_stream(*stream)?;
@@ -399,8 +455,70 @@ impl Request {
                 validate_path("from", from)?;
                 validate_path("to", to)
             }
-            Request::Metrics {} => Ok(()),
+            Request::Metrics {} | Request::Procs {} => Ok(()),
+            Request::ProcOutput { pid, .. } | Request::ProcStdin { pid, .. } => validate_pid(*pid),
+            Request::SignalPid { pid, signal } => {
+                validate_pid(*pid)?;
+                validate_signal(*signal)
+            }
         }
+    }
+}
+
+/// One background process in a `ProcList`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcInfo {
+    /// The pid from `Started`, inside the sandbox's pid namespace.
+    pub pid: u32,
+    /// The argv it was started with; cut by the agent to [`MAX_PROC_ARGV_BYTES`].
+    pub argv: Vec<String>,
+    /// Whether it still runs.
+    pub running: bool,
+    /// Its exit code (0 to 255), once it exited.
+    pub exit_code: Option<i32>,
+    /// The signal that killed it, once one did.
+    pub signal: Option<i32>,
+    /// How it ended, once it ended.
+    pub status: Option<Status>,
+    /// When it started, milliseconds since the Unix epoch.
+    pub started_ms: u64,
+    /// When it ended, milliseconds since the Unix epoch.
+    pub finished_ms: Option<u64>,
+}
+
+impl ProcInfo {
+    /// Checks a process description that came from the agent. `field` names it in errors.
+    pub fn validate(&self, field: &str) -> Result<(), ProtoError> {
+        validate_pid(self.pid)?;
+        let bytes = self
+            .argv
+            .iter()
+            .fold(0usize, |n, a| n.saturating_add(a.len() + 1));
+        if bytes > MAX_PROC_ARGV_BYTES {
+            return Err(ProtoError::ArgvTooLarge {
+                bytes,
+                max: MAX_PROC_ARGV_BYTES,
+            });
+        }
+        validate_exit(self.exit_code, self.signal)?;
+        let ended = self.exit_code.is_some()
+            || self.signal.is_some()
+            || self.status.is_some()
+            || self.finished_ms.is_some();
+        if self.running && ended {
+            return Err(ProtoError::InconsistentProc {
+                field: field.to_owned(),
+                why: "it is running but has an exit",
+            });
+        }
+        if !self.running && (self.status.is_none() || self.finished_ms.is_none()) {
+            return Err(ProtoError::InconsistentProc {
+                field: field.to_owned(),
+                why: "it is not running but has no status or finish time",
+            });
+        }
+        Ok(())
     }
 }
 
@@ -545,6 +663,11 @@ pub enum Response {
     /// The request succeeded and has nothing to say; final. (An empty struct variant, not a
     /// unit one, so that serde rejects unknown fields in it.)
     Ok {},
+    /// The answer to `Procs`; final.
+    ProcList {
+        /// Every background process the agent knows, by pid.
+        procs: Vec<ProcInfo>,
+    },
     /// The answer to `Metrics`; final.
     Metrics {
         /// CPU time used by the sandbox so far, user plus system.
@@ -593,6 +716,7 @@ impl Response {
             Response::StatResult(_) => "stat_result",
             Response::Ok {} => "ok",
             Response::Metrics { .. } => "metrics",
+            Response::ProcList { .. } => "proc_list",
             Response::Error { .. } => "error",
         }
     }
@@ -608,19 +732,16 @@ impl Response {
         match self {
             Response::Exit {
                 exit_code, signal, ..
-            } => {
-                if exit_code.is_some() && signal.is_some() {
-                    return Err(ProtoError::ExitCodeAndSignal);
+            } => validate_exit(*exit_code, *signal),
+            Response::ProcList { procs } => {
+                if procs.len() > MAX_PROCS {
+                    return Err(ProtoError::TooManyProcs {
+                        count: procs.len(),
+                        max: MAX_PROCS,
+                    });
                 }
-                if let Some(code) = exit_code {
-                    if !(0..=255).contains(code) {
-                        return Err(ProtoError::InvalidExitCode { code: *code });
-                    }
-                }
-                if let Some(signal) = signal {
-                    if !(1..=MAX_SIGNAL).contains(signal) {
-                        return Err(ProtoError::InvalidSignal { signal: *signal });
-                    }
+                for (i, proc) in procs.iter().enumerate() {
+                    proc.validate(&format!("procs[{i}]"))?;
                 }
                 Ok(())
             }
@@ -693,6 +814,12 @@ pub enum ProtoError {
     ZeroTimeout,
     #[error("a background process cannot have {what}: run it in the foreground instead")]
     BackgroundConflict { what: &'static str },
+    #[error("pid {pid} is not a process id: use a pid from a Started response")]
+    InvalidPid { pid: u32 },
+    #[error("{field} is inconsistent: {why}")]
+    InconsistentProc { field: String, why: &'static str },
+    #[error("the process list has {count} entries; the limit is {max}")]
+    TooManyProcs { count: usize, max: usize },
     #[error("exit code {code} is outside 0..=255")]
     InvalidExitCode { code: i32 },
     #[error("an exit has both an exit code and a signal; a process ends in one way only")]
@@ -725,6 +852,7 @@ impl ProtoError {
             | ProtoError::EnvTooLarge { .. }
             | ProtoError::PathTooLong { .. }
             | ProtoError::MessageTooLong { .. }
+            | ProtoError::TooManyProcs { .. }
             | ProtoError::TooManyFeatures { .. } => ErrorCode::TooLarge,
             _ => ErrorCode::InvalidRequest,
         }
@@ -829,6 +957,35 @@ fn validate_env(env: &BTreeMap<String, String>) -> Result<(), ProtoError> {
     Ok(())
 }
 
+fn validate_pid(pid: u32) -> Result<(), ProtoError> {
+    if pid == 0 || pid > i32::MAX as u32 {
+        return Err(ProtoError::InvalidPid { pid });
+    }
+    Ok(())
+}
+
+fn validate_signal(signal: i32) -> Result<(), ProtoError> {
+    if !(1..=MAX_SIGNAL).contains(&signal) {
+        return Err(ProtoError::InvalidSignal { signal });
+    }
+    Ok(())
+}
+
+fn validate_exit(exit_code: Option<i32>, signal: Option<i32>) -> Result<(), ProtoError> {
+    if exit_code.is_some() && signal.is_some() {
+        return Err(ProtoError::ExitCodeAndSignal);
+    }
+    if let Some(code) = exit_code {
+        if !(0..=255).contains(&code) {
+            return Err(ProtoError::InvalidExitCode { code });
+        }
+    }
+    if let Some(signal) = signal {
+        validate_signal(signal)?;
+    }
+    Ok(())
+}
+
 fn validate_stream(stream: u32) -> Result<(), ProtoError> {
     if stream & 1 == 1 {
         Ok(())
@@ -926,7 +1083,34 @@ pub(crate) mod samples {
                 to: "/work/b".into(),
             },
             Request::Metrics {},
+            Request::Procs {},
+            Request::ProcOutput {
+                pid: 12,
+                follow: true,
+            },
+            Request::ProcStdin {
+                pid: 12,
+                close: true,
+            },
+            Request::SignalPid { pid: 12, signal: 9 },
         ]
+    }
+
+    pub(crate) fn proc_info(pid: u32, running: bool) -> ProcInfo {
+        ProcInfo {
+            pid,
+            argv: vec!["sleep".into(), "100".into()],
+            running,
+            exit_code: if running { None } else { Some(0) },
+            signal: None,
+            status: if running { None } else { Some(Status::Ok) },
+            started_ms: 1_700_000_000_000,
+            finished_ms: if running {
+                None
+            } else {
+                Some(1_700_000_001_000)
+            },
+        }
     }
 
     /// One of each response, all valid.
@@ -970,6 +1154,9 @@ pub(crate) mod samples {
                 memory_bytes: 2,
                 pids: 3,
             },
+            Response::ProcList {
+                procs: vec![proc_info(5, true), proc_info(6, false)],
+            },
             Response::error(ErrorCode::NotFound, "no such file: /work/x"),
         ]
     }
@@ -995,7 +1182,7 @@ mod tests {
         let all = requests();
         let mut types: Vec<&str> = all.iter().map(Request::type_name).collect();
         types.dedup();
-        assert_eq!(types.len(), 11, "a sample of every request type");
+        assert_eq!(types.len(), 15, "a sample of every request type");
         for request in all {
             let text = serde_json::to_string(&request).unwrap();
             let back: Request = serde_json::from_str(&text).unwrap();
@@ -1011,7 +1198,7 @@ mod tests {
         let all = responses();
         let mut types: Vec<&str> = all.iter().map(Response::type_name).collect();
         types.dedup();
-        assert_eq!(types.len(), 8, "a sample of every response type");
+        assert_eq!(types.len(), 9, "a sample of every response type");
         for response in all {
             let text = serde_json::to_string(&response).unwrap();
             let back: Response = serde_json::from_str(&text).unwrap();
@@ -1240,10 +1427,11 @@ mod tests {
         let mut background = serde_json::to_value(Request::exec(["ls"])).unwrap();
         background["background"] = json!(true);
         background["stdin"] = json!(true);
-        assert!(matches!(
-            invalid(parse_request(background.clone()).unwrap()),
-            ProtoError::BackgroundConflict { what: "stdin" }
-        ));
+        // A background process may have a stdin pipe (for proc_stdin).
+        parse_request(background.clone())
+            .unwrap()
+            .validate()
+            .unwrap();
         background["stdin"] = json!(false);
         background["pty"] = json!({"rows": 1, "cols": 1});
         assert!(matches!(
@@ -1322,6 +1510,163 @@ mod tests {
                 .validate()
                 .unwrap();
         }
+    }
+
+    #[test]
+    fn background_process_requests() {
+        assert_eq!(
+            parse_request(json!({"type": "procs"})).unwrap(),
+            Request::Procs {}
+        );
+        assert_eq!(
+            parse_request(json!({"type": "proc_output", "pid": 3})).unwrap(),
+            Request::ProcOutput {
+                pid: 3,
+                follow: false
+            }
+        );
+        assert_eq!(
+            parse_request(json!({"type": "proc_stdin", "pid": 3, "close": true})).unwrap(),
+            Request::ProcStdin {
+                pid: 3,
+                close: true
+            }
+        );
+        assert_eq!(
+            serde_json::to_value(Request::SignalPid { pid: 3, signal: 15 }).unwrap(),
+            json!({"type": "signal_pid", "pid": 3, "signal": 15})
+        );
+        for bad in [
+            json!({"type": "procs", "all": true}),
+            json!({"type": "proc_output", "pid": 3, "tail": 10}),
+            json!({"type": "proc_stdin", "pid": 3, "data": "x"}),
+            json!({"type": "signal_pid", "pid": 3}),
+            json!({"type": "signal_pid", "pid": -3, "signal": 9}),
+        ] {
+            assert!(parse_request(bad.clone()).is_err(), "{bad}");
+        }
+        for pid in [0, 1 << 31, u32::MAX] {
+            for request in [
+                Request::ProcOutput { pid, follow: true },
+                Request::ProcStdin { pid, close: false },
+                Request::SignalPid { pid, signal: 9 },
+            ] {
+                assert!(
+                    matches!(invalid(request), ProtoError::InvalidPid { .. }),
+                    "{pid}"
+                );
+            }
+        }
+        for signal in [0, 65, -9] {
+            assert!(matches!(
+                invalid(Request::SignalPid { pid: 1, signal }),
+                ProtoError::InvalidSignal { .. }
+            ));
+        }
+        assert!(Request::ProcStdin {
+            pid: 1,
+            close: false
+        }
+        .takes_stdin());
+        assert!(!Request::ProcOutput {
+            pid: 1,
+            follow: true
+        }
+        .takes_stdin());
+        let mut exec = Request::exec(["cat"]);
+        if let Request::Exec {
+            stdin, background, ..
+        } = &mut exec
+        {
+            *stdin = true;
+            assert!(exec.takes_stdin());
+        }
+        if let Request::Exec { background, .. } = &mut exec {
+            *background = true;
+        }
+        assert!(
+            !exec.takes_stdin(),
+            "a background exec's stdin is proc_stdin's"
+        );
+    }
+
+    #[test]
+    fn proc_lists_are_checked() {
+        use super::samples::proc_info;
+        let ok = Response::ProcList {
+            procs: vec![proc_info(2, true), proc_info(3, false)],
+        };
+        ok.validate().unwrap();
+        assert_eq!(
+            serde_json::to_value(&ok).unwrap()["procs"][0],
+            json!({"pid": 2, "argv": ["sleep", "100"], "running": true, "exit_code": null,
+                   "signal": null, "status": null, "started_ms": 1_700_000_000_000u64,
+                   "finished_ms": null})
+        );
+        let bad = [
+            ProcInfo {
+                pid: 0,
+                ..proc_info(1, true)
+            },
+            ProcInfo {
+                exit_code: Some(1),
+                ..proc_info(1, true)
+            },
+            ProcInfo {
+                status: None,
+                ..proc_info(1, false)
+            },
+            ProcInfo {
+                finished_ms: None,
+                ..proc_info(1, false)
+            },
+            ProcInfo {
+                exit_code: Some(300),
+                ..proc_info(1, false)
+            },
+            ProcInfo {
+                signal: Some(9),
+                ..proc_info(1, false)
+            },
+            ProcInfo {
+                argv: vec!["x".repeat(MAX_PROC_ARGV_BYTES)],
+                ..proc_info(1, true)
+            },
+        ];
+        for proc in bad {
+            let list = Response::ProcList {
+                procs: vec![proc_info(9, true), proc.clone()],
+            };
+            assert!(list.validate().is_err(), "accepted {proc:?}");
+        }
+        let many = Response::ProcList {
+            procs: (1..=MAX_PROCS as u32 + 1)
+                .map(|pid| proc_info(pid, true))
+                .collect(),
+        };
+        assert!(matches!(
+            many.validate(),
+            Err(ProtoError::TooManyProcs { .. })
+        ));
+        // The largest valid list of printable argvs fits in one frame (the agent checks
+        // the encoded size of what it sends, since JSON escapes can grow a string).
+        let largest = Response::ProcList {
+            procs: (1..=MAX_PROCS as u32)
+                .map(|pid| ProcInfo {
+                    argv: vec!["x".repeat(MAX_PROC_ARGV_BYTES - 1)],
+                    exit_code: Some(255),
+                    status: Some(Status::OutputLimit),
+                    started_ms: u64::MAX,
+                    finished_ms: Some(u64::MAX),
+                    pid: i32::MAX as u32,
+                    ..proc_info(pid, false)
+                })
+                .collect(),
+        };
+        largest.validate().unwrap();
+        let bytes = serde_json::to_vec(&largest).unwrap().len();
+        assert!(bytes <= crate::DEFAULT_MAX_PAYLOAD, "{bytes}");
+        assert!(parse_response(json!({"type": "proc_list", "procs": [{"pid": 1}]})).is_err());
     }
 
     #[test]

@@ -10,13 +10,15 @@
 //!   frame and [`Request::validate`] on every request; a framing or sender violation fails
 //!   the connection (the caller closes it, and only it); a request that does not parse or
 //!   validate is answered `Error` on its stream and the connection stays up;
-//! - turns `Exec` requests, stdin Data/Eof, Cancel and `Signal` requests into [`Event`]s
-//!   for the caller, which answers through [`AgentConn::respond`], [`AgentConn::data`] and
+//! - turns every valid request into an [`Event::Request`], and the host's Data and Eof on
+//!   channel 0 and its Cancel into [`Event::Stdin`], [`Event::StdinEof`] and
+//!   [`Event::Cancel`] for the streams that take them: Data and Eof for a foreground
+//!   `Exec` with `stdin`, a `WriteFile` and a `ProcStdin`; Cancel for every open stream
+//!   (an `Exec`, a `ReadFile`, a `WriteFile`, a `ProcOutput`, a `ProcStdin`). The caller
+//!   ([`crate::agent`]) answers through [`AgentConn::respond`], [`AgentConn::data`] and
 //!   [`AgentConn::eof`];
-//! - answers every other request (`read_file`, `write_file`, `list_dir`, `stat`, `mkdir`,
-//!   `remove`, `rename`, `metrics`, `resize`) with
-//!   `Error { code: invalid_request, message: "<type> is not supported by this agent yet" }`;
-//! - drops frames for closed streams silently, as the protocol says.
+//! - drops frames for closed streams silently, as the protocol says, and Data or Eof on a
+//!   stream whose request takes none.
 //!
 //! An exec error (a missing program) is meant to be answered with a lone `Error`
 //! (`not_found`), as the protocol documents; that is the caller's job.
@@ -31,21 +33,15 @@ use moat_agent::{
 /// Something the caller must act on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// Start the process of a validated `Exec` request; answer on `stream`.
-    Exec { stream: u32, request: Request },
-    /// Stdin bytes for the process of `stream`.
+    /// A validated request; answer on `stream` (see the protocol's flows).
+    Request { stream: u32, request: Request },
+    /// Channel 0 bytes for `stream`: stdin of its process, content of its file.
     Stdin { stream: u32, data: Vec<u8> },
-    /// End of stdin for the process of `stream`.
+    /// The end of channel 0 of `stream`.
     StdinEof { stream: u32 },
-    /// Kill the process group of `stream` (SIGKILL) and end it with status `killed`.
+    /// The host cancelled `stream`: an `Exec` is killed (status `killed`), a `WriteFile`
+    /// or `ReadFile` ends with `Error { cancelled }`, a `ProcOutput` with `Ok`.
     Cancel { stream: u32 },
-    /// Send `signal` to the process group of the exec on `target`; answer `Ok` or
-    /// `Error { not_found }` on `stream` (see [`AgentConn::respond`]).
-    Signal {
-        stream: u32,
-        target: u32,
-        signal: i32,
-    },
 }
 
 /// Why a connection must be closed.
@@ -74,8 +70,8 @@ pub struct AgentConn {
     ids: StreamIds,
     /// Streams opened and not yet ended by a final response.
     open: BTreeSet<u32>,
-    /// Open streams whose request was a foreground `Exec` (they take stdin and Cancel).
-    execs: BTreeSet<u32>,
+    /// Open streams whose request takes Data and Eof on channel 0.
+    stdin: BTreeSet<u32>,
     /// Open streams whose request was a background `Exec` (`Started` ends them).
     background: BTreeSet<u32>,
 }
@@ -100,7 +96,7 @@ impl AgentConn {
             peer_hello: false,
             ids: StreamIds::new(),
             open: BTreeSet::new(),
-            execs: BTreeSet::new(),
+            stdin: BTreeSet::new(),
             background: BTreeSet::new(),
         }
     }
@@ -128,6 +124,11 @@ impl AgentConn {
     /// Whether `stream` is open (no final response sent yet).
     pub fn is_open(&self, stream: u32) -> bool {
         self.open.contains(&stream)
+    }
+
+    /// Whether `stream` still takes channel 0 (its Eof has not come yet).
+    pub fn takes_stdin(&self, stream: u32) -> bool {
+        self.stdin.contains(&stream)
     }
 
     /// Takes bytes read from the host, returns what the caller must do. An error means
@@ -189,31 +190,19 @@ impl AgentConn {
             if let Err(err) = request.validate() {
                 return self.respond(stream, &Response::from_proto_error(&err));
             }
-            match request {
-                Request::Exec { background, .. } => {
-                    if background {
-                        self.background.insert(stream);
-                    } else {
-                        self.execs.insert(stream);
-                    }
-                    events.push(Event::Exec { stream, request });
+            if matches!(
+                request,
+                Request::Exec {
+                    background: true,
+                    ..
                 }
-                Request::Signal {
-                    stream: target,
-                    signal,
-                } => {
-                    events.push(Event::Signal {
-                        stream,
-                        target,
-                        signal,
-                    });
-                }
-                other => {
-                    let message =
-                        format!("{} is not supported by this agent yet", other.type_name());
-                    self.respond(stream, &Response::error(ErrorCode::InvalidRequest, message))?;
-                }
+            ) {
+                self.background.insert(stream);
             }
+            if request.takes_stdin() {
+                self.stdin.insert(stream);
+            }
+            events.push(Event::Request { stream, request });
             return Ok(());
         }
         if !self.ids.is_opened(stream) {
@@ -222,16 +211,20 @@ impl AgentConn {
                 frame.kind
             )));
         }
-        if !self.execs.contains(&stream) {
-            // A late frame for a closed stream, or stdin for a request that takes none.
+        if !self.open.contains(&stream) {
+            // A late frame for a closed stream.
             return Ok(());
         }
         match frame.kind {
-            FrameKind::Data => events.push(Event::Stdin {
+            FrameKind::Data if self.stdin.contains(&stream) => events.push(Event::Stdin {
                 stream,
                 data: frame.payload,
             }),
-            FrameKind::Eof => events.push(Event::StdinEof { stream }),
+            FrameKind::Eof if self.stdin.contains(&stream) => {
+                // One Eof per stream: later Data and Eof are dropped.
+                self.stdin.remove(&stream);
+                events.push(Event::StdinEof { stream });
+            }
             FrameKind::Cancel => events.push(Event::Cancel { stream }),
             _ => {}
         }
@@ -248,7 +241,7 @@ impl AgentConn {
         self.encoder.response(&mut self.out, stream, response)?;
         if response.is_final(background) {
             self.open.remove(&stream);
-            self.execs.remove(&stream);
+            self.stdin.remove(&stream);
             self.background.remove(&stream);
         }
         Ok(())
@@ -394,7 +387,7 @@ mod tests {
         let events = conn.feed(&request(1, &exec)).expect("exec accepted");
         assert_eq!(
             events,
-            vec![Event::Exec {
+            vec![Event::Request {
                 stream: 1,
                 request: exec
             }]
@@ -448,38 +441,39 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_and_invalid_requests_get_errors_and_the_connection_stays_up() {
+    fn invalid_requests_get_errors_and_the_connection_stays_up() {
         let (mut conn, mut host) = ready();
-        let events = conn
-            .feed(&request(
-                1,
-                &Request::Stat {
-                    path: "/work".into(),
-                },
-            ))
-            .expect("stat answered");
-        assert!(events.is_empty());
         let bad = Request::exec(Vec::<String>::new());
         assert!(conn
             .feed(&request(3, &bad))
             .expect("bad exec answered")
             .is_empty());
+        let mut wire = Vec::new();
+        Encoder::new()
+            .frame(
+                &mut wire,
+                FrameKind::Request,
+                Channel::Stdin,
+                5,
+                br#"{"type":"chmod","path":"/a"}"#,
+            )
+            .expect("raw request");
+        assert!(conn.feed(&wire).expect("unknown type answered").is_empty());
         let frames = drain(&mut conn, &mut host);
         assert_eq!(frames.len(), 2);
-        match frames[0].response().expect("response") {
-            Response::Error { code, message } => {
-                assert_eq!(code, ErrorCode::InvalidRequest);
-                assert_eq!(message, "stat is not supported by this agent yet");
-            }
-            other => panic!("unexpected {other:?}"),
+        for frame in &frames {
+            assert!(matches!(
+                frame.response().expect("response"),
+                Response::Error {
+                    code: ErrorCode::InvalidRequest,
+                    ..
+                }
+            ));
         }
-        assert!(matches!(
-            frames[1].response().expect("response"),
-            Response::Error { .. }
-        ));
+        assert!(!conn.is_open(3) && !conn.is_open(5));
         let events = conn
             .feed(&request(
-                5,
+                7,
                 &Request::Signal {
                     stream: 1,
                     signal: 15,
@@ -488,12 +482,82 @@ mod tests {
             .expect("signal accepted");
         assert_eq!(
             events,
-            vec![Event::Signal {
-                stream: 5,
-                target: 1,
-                signal: 15
+            vec![Event::Request {
+                stream: 7,
+                request: Request::Signal {
+                    stream: 1,
+                    signal: 15
+                }
             }]
         );
+    }
+
+    #[test]
+    fn channel_zero_goes_to_the_requests_that_take_it() {
+        let (mut conn, _) = ready();
+        let enc = Encoder::new();
+        let mut wire = Vec::new();
+        enc.request(
+            &mut wire,
+            1,
+            &Request::ProcStdin {
+                pid: 4,
+                close: true,
+            },
+        )
+        .expect("proc_stdin");
+        enc.data(&mut wire, 1, Channel::Stdin, b"abc")
+            .expect("data");
+        enc.eof(&mut wire, 1, Channel::Stdin).expect("eof");
+        enc.data(&mut wire, 1, Channel::Stdin, b"late")
+            .expect("data");
+        enc.request(
+            &mut wire,
+            3,
+            &Request::ProcOutput {
+                pid: 4,
+                follow: true,
+            },
+        )
+        .expect("proc_output");
+        enc.data(&mut wire, 3, Channel::Stdin, b"ignored")
+            .expect("data");
+        enc.cancel(&mut wire, 3).expect("cancel");
+        enc.request(&mut wire, 5, &Request::exec(["true"]))
+            .expect("exec without stdin");
+        enc.data(&mut wire, 5, Channel::Stdin, b"ignored")
+            .expect("data");
+        let events = conn.feed(&wire).expect("accepted");
+        assert_eq!(
+            events,
+            vec![
+                Event::Request {
+                    stream: 1,
+                    request: Request::ProcStdin {
+                        pid: 4,
+                        close: true
+                    }
+                },
+                Event::Stdin {
+                    stream: 1,
+                    data: b"abc".to_vec()
+                },
+                Event::StdinEof { stream: 1 },
+                Event::Request {
+                    stream: 3,
+                    request: Request::ProcOutput {
+                        pid: 4,
+                        follow: true
+                    }
+                },
+                Event::Cancel { stream: 3 },
+                Event::Request {
+                    stream: 5,
+                    request: Request::exec(["true"])
+                },
+            ]
+        );
+        assert!(!conn.takes_stdin(1));
     }
 
     #[test]
