@@ -1574,10 +1574,7 @@ mod tests {
         }
         .takes_stdin());
         let mut exec = Request::exec(["cat"]);
-        if let Request::Exec {
-            stdin, background, ..
-        } = &mut exec
-        {
+        if let Request::Exec { stdin, .. } = &mut exec {
             *stdin = true;
             assert!(exec.takes_stdin());
         }
