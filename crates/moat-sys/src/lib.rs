@@ -10,6 +10,7 @@ pub mod landlock;
 pub mod net;
 pub mod process;
 pub mod seccomp;
+pub mod tty;
 
 use std::ffi::CString;
 use std::io;

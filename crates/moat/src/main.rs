@@ -1,5 +1,6 @@
 //! The `moat` command: `moat run` runs one command in a fresh sandbox; `moat doctor` says what
-//! this host supports.
+//! this host supports; `moat serve` runs the daemon and the other commands are its client
+//! (see `client`).
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -7,6 +8,8 @@ use moat_api::{ExecResult, Layers, Status, Truncated};
 use moat_backend::{probe, RunError, RunRequest};
 use moat_policy::{parse_bytes, parse_duration, Layer, Mount, Policy};
 use std::io::Write;
+
+mod client;
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +36,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    #[command(flatten)]
+    Client(client::Command),
 }
 
 #[derive(clap::Args)]
@@ -267,6 +272,7 @@ fn main() {
     let code = match cli.cmd {
         Cmd::Run(a) => cmd_run(*a),
         Cmd::Doctor { json } => cmd_doctor(json),
+        Cmd::Client(c) => client::main(c),
     };
     std::process::exit(code);
 }
