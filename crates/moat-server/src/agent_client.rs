@@ -480,7 +480,26 @@ impl Shared {
         let stream = frame.stream;
         let kind = frame.kind;
         let channel = frame.channel;
-        let (tx, item) = {
+        // Parsed and validated before taking the lock: a listing can be 1 MiB of JSON.
+        let mut item = match kind {
+            FrameKind::Response => {
+                let response = frame.response().map_err(|e| e.to_string())?;
+                response
+                    .validate()
+                    .map_err(|e| format!("invalid {} response: {e}", response.type_name()))?;
+                Item::Response {
+                    response,
+                    last: false,
+                }
+            }
+            FrameKind::Data => Item::Data(channel, Bytes::from(frame.payload), None),
+            FrameKind::Eof => Item::Eof,
+            FrameKind::Hello => return Err("a second hello".into()),
+            FrameKind::Request | FrameKind::Cancel => {
+                return Err(format!("{kind} frame from the agent"))
+            }
+        };
+        let tx = {
             let mut state = lock(&self.state);
             if state.closed.is_some() {
                 return Ok(());
@@ -493,34 +512,17 @@ impl Shared {
                     format!("{kind} frame on stream {stream}, which the host never opened")
                 });
             };
-            let item = match kind {
-                FrameKind::Response => {
-                    let response = frame.response().map_err(|e| e.to_string())?;
-                    response
-                        .validate()
-                        .map_err(|e| format!("invalid {} response: {e}", response.type_name()))?;
-                    let last = slot.response(&response)?;
-                    Item::Response { response, last }
-                }
-                FrameKind::Data => {
-                    slot.data(kind, channel, frame.payload.len())?;
-                    Item::Data(channel, Bytes::from(frame.payload), None)
-                }
-                FrameKind::Eof => {
-                    slot.data(kind, channel, 0)?;
-                    Item::Eof
-                }
-                FrameKind::Hello => return Err("a second hello".into()),
-                FrameKind::Request | FrameKind::Cancel => {
-                    return Err(format!("{kind} frame from the agent"))
-                }
-            };
+            match &mut item {
+                Item::Response { response, last } => *last = slot.response(response)?,
+                Item::Data(_, bytes, _) => slot.data(kind, channel, bytes.len())?,
+                Item::Eof => slot.data(kind, channel, 0)?,
+            }
             let tx = slot.tx.clone();
             if let Item::Response { last: true, .. } = item {
                 state.streams.remove(&stream);
                 state.abandoned.remove(&stream);
             }
-            (tx, item)
+            tx
         };
         let Some(tx) = tx else {
             return Ok(()); // closed by the host: checked, dropped
@@ -2523,6 +2525,61 @@ mod tests {
         }
         let _agent = fake.await.unwrap();
         assert!(!client.is_closed());
+    }
+
+    #[tokio::test]
+    async fn a_slow_consumer_stalls_its_connection_without_losing_data() {
+        let (client, mut agent) = pair().await;
+        let mut exec = client.exec(ExecSpec::new(["yes"])).await.unwrap();
+        let c = client.clone();
+        let stat = tokio::spawn(async move { c.stat("/a").await });
+        let (e, _) = agent.request().await;
+        let (s, _) = agent.request().await;
+        let chunk = vec![b'y'; 64 << 10];
+        let frames = READ_BUDGET / chunk.len() + 8;
+        let fake = tokio::spawn(async move {
+            agent.respond(e, &Response::Started { pid: 2 }).await;
+            for _ in 0..frames {
+                agent.data(e, Channel::Stdout, &chunk).await;
+            }
+            agent.respond(s, &Response::StatResult(entry("/a"))).await;
+            agent.respond(e, &exit(0)).await;
+            agent
+        });
+        // Nobody reads the exec: the stat's answer is stuck behind its output.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!stat.is_finished());
+        let (out, _, last) = collect(&mut exec).await;
+        assert_eq!(out.len(), frames * (64 << 10));
+        assert!(matches!(last, Some(ExecEvent::Exit { .. })));
+        stat.await.unwrap().unwrap();
+        let _agent = fake.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn abandoned_streams_are_remembered_up_to_a_bound() {
+        let (client, mut agent) = pair().await;
+        for _ in 0..=MAX_ABANDONED {
+            drop(client.exec(ExecSpec::new(["sleep", "9"])).await.unwrap());
+        }
+        for _ in 0..=MAX_ABANDONED {
+            assert_eq!(agent.request().await.1.type_name(), "exec");
+            assert_eq!(agent.recv().await.unwrap().kind, FrameKind::Cancel);
+        }
+        // The newest abandoned stream's late answer is dropped.
+        let newest = 2 * MAX_ABANDONED as u32 + 1;
+        agent
+            .respond(newest, &Response::error(ErrorCode::Cancelled, "x"))
+            .await;
+        let c = client.clone();
+        let ok = tokio::spawn(async move { c.mkdir("/d", false).await });
+        let (t, _) = agent.request().await;
+        agent.respond(t, &Response::Ok {}).await;
+        ok.await.unwrap().unwrap();
+        // The oldest was forgotten: a frame for it is now a violation.
+        agent.respond(1, &Response::Started { pid: 3 }).await;
+        while agent.recv().await.is_some() {}
+        assert!(client.is_closed());
     }
 
     #[tokio::test]
