@@ -161,8 +161,14 @@ impl Reason {
         }
     }
 
+    /// The agent's end going away mid-write or mid-read is a close, not an I/O fault.
     fn io(err: &io::Error) -> Reason {
-        Reason::Io(err.kind(), err.to_string())
+        match err.kind() {
+            io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted => Reason::Closed,
+            kind => Reason::Io(kind, err.to_string()),
+        }
     }
 }
 
@@ -1465,7 +1471,7 @@ mod tests {
             let frame = match self.frames.next(&mut self.read).await {
                 Ok(frame) => frame?,
                 // The host closed with our frames unread.
-                Err(Reason::Io(io::ErrorKind::ConnectionReset, _)) => return None,
+                Err(Reason::Closed) => return None,
                 Err(err) => panic!("{err:?}"),
             };
             frame.check_sender(Role::Host).unwrap();
