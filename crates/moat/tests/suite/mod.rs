@@ -2,6 +2,7 @@ mod attacks_fs;
 mod attacks_kernel;
 mod attacks_net;
 mod attacks_resources;
+mod cli;
 pub mod harness;
 mod info_leaks;
 mod modes;
