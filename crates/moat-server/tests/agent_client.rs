@@ -277,6 +277,125 @@ async fn exercise(socket: &Path) {
     assert!(!client.is_closed());
 }
 
+async fn exercise_streams(socket: &Path) {
+    let client = AgentClient::connect(socket).await.unwrap();
+
+    // 24 MiB of output arrives whole, in frames of at most 1 MiB.
+    let mut exec = client
+        .exec(sh("head -c 25165824 /dev/zero; echo done >&2"))
+        .await
+        .unwrap();
+    let mut total = 0usize;
+    let mut last = None;
+    while let Some(event) = exec.next().await {
+        match event {
+            ExecEvent::Stdout(b) => {
+                assert!(b.len() <= 1 << 20);
+                assert!(b.iter().all(|&x| x == 0));
+                total += b.len();
+            }
+            ExecEvent::Started { .. } | ExecEvent::Stderr(_) => {}
+            other => last = Some(other),
+        }
+    }
+    assert_eq!(total, 24 << 20);
+    assert!(
+        matches!(
+            last,
+            Some(ExecEvent::Exit {
+                exit_code: Some(0),
+                ..
+            })
+        ),
+        "{last:?}"
+    );
+
+    // The agent's timeout.
+    let mut spec = sh("sleep 30");
+    spec.timeout_ms = Some(200);
+    let mut exec = client.exec(spec).await.unwrap();
+    let (_, _, last) = collect(&mut exec).await;
+    assert!(
+        matches!(
+            last,
+            Some(ExecEvent::Exit {
+                status: Status::Timeout,
+                ..
+            })
+        ),
+        "{last:?}"
+    );
+
+    // A pty, resized while it runs.
+    let mut spec = sh("stty size; read x; stty size");
+    spec.stdin = true;
+    spec.pty = Some(moat_agent::PtySize { rows: 24, cols: 80 });
+    let mut exec = client.exec(spec).await.unwrap();
+    let input = exec.stdin();
+    let mut out = Vec::new();
+    while !String::from_utf8_lossy(&out).contains("24 80") {
+        match exec.next().await {
+            Some(ExecEvent::Stdout(b)) => out.extend_from_slice(&b),
+            Some(ExecEvent::Started { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    input.resize(40, 100).await.unwrap();
+    input.write(Bytes::from_static(b"\n")).await.unwrap();
+    let (rest, _, last) = collect(&mut exec).await;
+    assert!(
+        String::from_utf8_lossy(&rest).contains("40 100"),
+        "{rest:?}"
+    );
+    assert!(
+        matches!(
+            last,
+            Some(ExecEvent::Exit {
+                exit_code: Some(0),
+                ..
+            })
+        ),
+        "{last:?}"
+    );
+
+    // Dropping an exec in the middle of its output kills it and leaves the connection good.
+    let mut exec = client.exec(sh("yes")).await.unwrap();
+    for _ in 0..3 {
+        exec.next().await.unwrap();
+    }
+    drop(exec);
+    let mut exec = client.exec(sh("echo still")).await.unwrap();
+    let (out, _, _) = collect(&mut exec).await;
+    assert_eq!(out, b"still\n");
+    // The agent killed `yes`: only the agent (and maybe a reaped zombie) is left soon.
+    let mut left = u32::MAX;
+    for _ in 0..50 {
+        left = client.metrics().await.unwrap().pids;
+        if left <= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(left <= 2, "{left} processes left");
+
+    // Signals by stream.
+    let mut exec = client.exec(sh("sleep 30")).await.unwrap();
+    assert!(matches!(exec.next().await, Some(ExecEvent::Started { .. })));
+    exec.stdin().signal(15).await.unwrap();
+    let (_, _, last) = collect(&mut exec).await;
+    assert!(
+        matches!(
+            last,
+            Some(ExecEvent::Exit {
+                signal: Some(15),
+                exit_code: None,
+                ..
+            })
+        ),
+        "{last:?}"
+    );
+}
+
 #[test]
 fn exec_and_files_through_a_real_agent() {
     let Some(sandbox) = Sandbox::start() else {
@@ -287,6 +406,9 @@ fn exec_and_files_through_a_real_agent() {
         tokio::time::timeout(Duration::from_secs(120), exercise(&sandbox.socket))
             .await
             .expect("the exercise took over 2 minutes");
+        tokio::time::timeout(Duration::from_secs(120), exercise_streams(&sandbox.socket))
+            .await
+            .expect("the stream exercise took over 2 minutes");
     });
     drop(sandbox);
 }
