@@ -103,6 +103,15 @@ impl IdMap {
         }
     }
 
+    /// The slot lock's descriptor (root only). A sandbox's init keeps it open for its whole
+    /// life, so the slot stays taken until init is gone, whoever started it.
+    pub fn lock_fd(&self) -> Option<std::os::fd::RawFd> {
+        match self {
+            IdMap::Range { _lock, .. } => Some(_lock.as_raw_fd()),
+            IdMap::Single { .. } => None,
+        }
+    }
+
     /// A short tag for cgroup names.
     pub fn tag(&self) -> String {
         match self {

@@ -2,6 +2,7 @@
 //! cgroups). The host probe behind `moat doctor` lives here too, since it answers "which
 //! tiers can this host run, and why not".
 
+mod agent;
 pub mod agent_server;
 pub mod cgroup;
 pub mod idmap;
@@ -9,5 +10,6 @@ pub mod native;
 pub mod probe;
 mod rootfs;
 pub mod seccomp_prog;
+pub mod spawner;
 
-pub use native::{run, RunError, RunRequest};
+pub use native::{alive, destroy, run, spawn, RunError, RunRequest, SpawnRequest, Spawned};

@@ -25,11 +25,14 @@ use moat_policy::{Layer, Policy};
 use moat_sys::landlock as ll;
 use moat_sys::process::{self as sys, Forked};
 use moat_sys::seccomp::SockFilter;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::path::Path;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Why a run could not start.
@@ -204,34 +207,90 @@ fn make_cgroup(
     })
 }
 
-/// Runs one command in a fresh native sandbox and tears it down.
-///
-/// Must be called from a single-threaded process (the sandbox is forked from it).
+/// What init does once the sandbox's root is built and entered.
+enum InitJob<'a> {
+    /// `moat run`: fork the workload on these pipe ends, report how it ended, exit.
+    Run {
+        argv: &'a [String],
+        stdin: OwnedFd,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    },
+    /// A persistent sandbox: become the agent, serving this listening socket.
+    Agent { listener: OwnedFd },
+}
+
+impl InitJob<'_> {
+    /// The descriptors init keeps (all others it inherited are closed at once).
+    fn fds(&self) -> Vec<RawFd> {
+        match self {
+            InitJob::Run {
+                stdin,
+                stdout,
+                stderr,
+                ..
+            } => vec![stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()],
+            InitJob::Agent { listener } => vec![listener.as_raw_fd()],
+        }
+    }
+}
+
+/// A sandbox whose init runs and has been released (its ids mapped, its cgroup made).
+struct Sandbox {
+    pid: libc::pid_t,
+    pidfd: OwnedFd,
+    cg: Option<Cgroup>,
+    plan: Plan,
+    /// The uid range; init holds the slot's lock too, so the slot stays taken until init
+    /// is gone even once this copy is dropped.
+    _ids: IdMap,
+    /// init's status lines (`ready`, `error ...`, `exit ...`).
+    st_r: OwnedFd,
+}
+
+impl Sandbox {
+    fn layers(&self) -> Layers {
+        Layers {
+            tier: "native".into(),
+            landlock_abi: self.plan.landlock_abi,
+            seccomp: true,
+            cgroup: self
+                .cg
+                .as_ref()
+                .map_or_else(|| "none".to_string(), |c| c.version.as_str().to_string()),
+            missing: self.plan.missing.clone(),
+        }
+    }
+
+    /// Kills init (and with it the whole pid namespace) and removes the cgroup.
+    fn kill(mut self) {
+        let _ = sys::pidfd_kill(self.pidfd.as_raw_fd(), libc::SIGKILL);
+        let _ = sys::wait4(self.pid, libc::__WALL);
+        if let Some(cg) = self.cg.as_mut() {
+            cg.destroy();
+        }
+    }
+}
+
+/// The start sequence `run` and `spawn` share: checks, uid range, clone into the
+/// namespaces, id maps, cgroup, release. init does `job` once its root is entered.
 ///
 /// The parent's slow work (the cgroup, whose v1 attach can wait for an RCU grace period)
 /// overlaps with the child building its root: the child is released twice, once when its id
 /// maps are written ("G": it can build), once its cgroup exists ("C" and the cgroup v1 `tasks`
 /// files it then writes itself into, which is much faster than the parent moving it).
-pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
-    let started = Instant::now();
-    let trace = Trace {
-        on: std::env::var_os("MOAT_TRACE").is_some_and(|v| v == "1"),
-        start: started,
-    };
-    req.policy
-        .validate()
-        .map_err(|e| RunError::Refused(e.to_string()))?;
-    if req.argv.is_empty() {
-        return Err(RunError::Refused(
-            "no command given: moat run [OPTIONS] -- CMD [ARGS...]".into(),
-        ));
-    }
+fn start(
+    policy: &Policy,
+    trace: Trace,
+    started: Instant,
+    job: InitJob<'_>,
+) -> Result<Sandbox, RunError> {
     if !sys::is_single_threaded() {
         return Err(RunError::Setup(
             "the native tier must be started from a single-threaded process".into(),
         ));
     }
-    let mut plan = plan(&req.policy)?;
+    let mut plan = plan(policy)?;
     let rootless = sys::effective_uid() != 0;
     let prog = crate::seccomp_prog::DEFAULT_PROGRAM;
     let mountpoint = rootfs::mountpoint(rootless)
@@ -246,25 +305,11 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
 
     let (sync_r, sync_w) = sys::pipe().map_err(io_ctx("pipe"))?;
     let (st_r, st_w) = sys::pipe().map_err(io_ctx("pipe"))?;
-    let (in_r, in_w) = sys::pipe().map_err(io_ctx("pipe"))?;
-    let (out_r, out_w) = sys::pipe().map_err(io_ctx("pipe"))?;
-    let (err_r, err_w) = sys::pipe().map_err(io_ctx("pipe"))?;
 
-    let old_mask = sys::block_signals(&RELAYED).map_err(io_ctx("block signals"))?;
-    let sigfd = match sys::signalfd(&RELAYED) {
-        Ok(f) => f,
-        Err(e) => {
-            let _ = sys::set_signal_mask(&old_mask);
-            return Err(io_ctx("signalfd")(e));
-        }
-    };
-
-    let flags = NAMESPACES;
     let cpus = sys::affinity(0).ok();
     trace.mark("host", "clone");
-    let (pid, pidfd) = match sys::clone_fork(flags) {
+    let (pid, pidfd) = match sys::clone_fork(NAMESPACES) {
         Err(e) => {
-            let _ = sys::set_signal_mask(&old_mask);
             return Err(RunError::Refused(format!(
                 "cannot create the sandbox's namespaces ({e}): check `moat doctor` (user \
                  namespaces may be disabled by sysctl kernel.unprivileged_userns_clone=0, \
@@ -272,26 +317,25 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
             )));
         }
         Ok(Forked::Child) => {
-            drop((sync_w, st_r, in_w, out_r, err_r, sigfd));
-            let fds = ChildFds {
-                sync_r,
-                st_w,
-                in_r,
-                out_w,
-                err_w,
-            };
-            let policy = &req.policy;
-            let argv = &req.argv;
+            // init keeps only what it needs: the sync and status pipes, its job's fds and
+            // the uid slot's lock (held for its whole life). Everything else it inherited
+            // (the parent's ends of the pipes, a spawner's socket) goes now.
+            let mut keep = job.fds();
+            keep.extend([sync_r.as_raw_fd(), st_w.as_raw_fd()]);
+            keep.extend(ids.lock_fd());
+            if sys::close_fds_except(&keep).is_err() {
+                sys::exit_now(125);
+            }
             let landlock_abi = plan.landlock_abi;
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 init_main(
                     policy,
-                    argv,
                     rootless,
                     landlock_abi,
                     prog,
                     &mountpoint,
-                    fds,
+                    InitFds { sync_r, st_w },
+                    job,
                     trace,
                     cpus,
                 )
@@ -300,7 +344,7 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
         }
         Ok(Forked::Parent { pid, pidfd }) => (pid, pidfd),
     };
-    drop((sync_r, st_w, in_r, out_w, err_w));
+    drop((sync_r, st_w, job));
     // Start init on a CPU other than ours: it builds its root while we make its cgroup, and a
     // freshly forked child otherwise queues behind its parent on the same CPU. Init gives the
     // full set back before it starts the workload.
@@ -312,7 +356,7 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
     // Parent: map ids and release the child to build its root; meanwhile make its cgroup.
     let mut cg: Option<Cgroup> = None;
     let setup = (|| -> Result<(), RunError> {
-        let (uid_map, gid_map) = ids.maps(req.policy.process.uid, req.policy.process.gid);
+        let (uid_map, gid_map) = ids.maps(policy.process.uid, policy.process.gid);
         if rootless {
             fs::write(format!("/proc/{pid}/setgroups"), "deny")
                 .map_err(io_ctx("write setgroups"))?;
@@ -321,7 +365,7 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
         fs::write(format!("/proc/{pid}/gid_map"), gid_map).map_err(io_ctx("write gid_map"))?;
         sys::write_all(sync_w.as_raw_fd(), b"G").map_err(io_ctx("start the sandbox"))?;
         trace.mark("host", "released");
-        cg = make_cgroup(&req.policy, &name, &mut plan.missing)?;
+        cg = make_cgroup(policy, &name, &mut plan.missing)?;
         // "C", then the cgroup files init writes "0" to itself (v1), then a NUL.
         let mut msg = b"C".to_vec();
         if let Some(cg) = &cg {
@@ -344,43 +388,326 @@ pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
         Ok(())
     })();
     drop(sync_w);
+    let sandbox = Sandbox {
+        pid,
+        pidfd,
+        cg,
+        plan,
+        _ids: ids,
+        st_r,
+    };
     if let Err(e) = setup {
-        let _ = sys::pidfd_kill(pidfd.as_raw_fd(), libc::SIGKILL);
-        let _ = sys::wait4(pid, libc::__WALL);
-        let _ = sys::set_signal_mask(&old_mask);
-        if let Some(cg) = cg.as_mut() {
-            cg.destroy();
-        }
+        sandbox.kill();
         return Err(e);
     }
+    Ok(sandbox)
+}
 
+/// Runs one command in a fresh native sandbox and tears it down.
+///
+/// Must be called from a single-threaded process (the sandbox is forked from it).
+pub fn run(req: &RunRequest) -> Result<ExecResult, RunError> {
+    let started = Instant::now();
+    let trace = Trace {
+        on: std::env::var_os("MOAT_TRACE").is_some_and(|v| v == "1"),
+        start: started,
+    };
+    req.policy
+        .validate()
+        .map_err(|e| RunError::Refused(e.to_string()))?;
+    if req.argv.is_empty() {
+        return Err(RunError::Refused(
+            "no command given: moat run [OPTIONS] -- CMD [ARGS...]".into(),
+        ));
+    }
+    if !sys::is_single_threaded() {
+        return Err(RunError::Setup(
+            "the native tier must be started from a single-threaded process".into(),
+        ));
+    }
+    let (in_r, in_w) = sys::pipe().map_err(io_ctx("pipe"))?;
+    let (out_r, out_w) = sys::pipe().map_err(io_ctx("pipe"))?;
+    let (err_r, err_w) = sys::pipe().map_err(io_ctx("pipe"))?;
+
+    let old_mask = sys::block_signals(&RELAYED).map_err(io_ctx("block signals"))?;
+    let sigfd = match sys::signalfd(&RELAYED) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = sys::set_signal_mask(&old_mask);
+            return Err(io_ctx("signalfd")(e));
+        }
+    };
+    let job = InitJob::Run {
+        argv: &req.argv,
+        stdin: in_r,
+        stdout: out_w,
+        stderr: err_w,
+    };
+    let mut sandbox = match start(&req.policy, trace, started, job) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = sys::set_signal_mask(&old_mask);
+            return Err(e);
+        }
+    };
+    let pid = sandbox.pid;
+    let st_r = match sandbox.st_r.try_clone() {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = sys::set_signal_mask(&old_mask);
+            sandbox.kill();
+            return Err(io_ctx("dup the status pipe")(e));
+        }
+    };
     let mut relay = Relay::new(req, in_w, out_r, err_r, st_r);
-    let outcome = relay.run(pid, &pidfd, &sigfd, started);
+    let outcome = relay.run(pid, &sandbox.pidfd, &sigfd, started);
     let _ = sys::set_signal_mask(&old_mask);
 
     trace.mark("host", "sandbox-exited");
-    let oom = cg.as_ref().is_some_and(|c| c.oom_kills() > 0);
-    let cgroup_version = cg
-        .as_ref()
-        .map_or_else(|| "none".to_string(), |c| c.version.as_str().to_string());
-    if let Some(cg) = cg.as_mut() {
+    let oom = sandbox.cg.as_ref().is_some_and(|c| c.oom_kills() > 0);
+    let layers = sandbox.layers();
+    if let Some(cg) = sandbox.cg.as_mut() {
         cg.destroy();
     }
     trace.mark("host", "cleaned-up");
-    drop(ids);
+    drop(sandbox);
 
-    Ok(outcome.into_result(
-        req,
-        oom,
-        started,
-        Layers {
-            tier: "native".into(),
-            landlock_abi: plan.landlock_abi,
-            seccomp: true,
-            cgroup: cgroup_version,
-            missing: plan.missing,
-        },
-    ))
+    Ok(outcome.into_result(req, oom, started, layers))
+}
+
+/// What [`spawn`] needs: the policy, and where the agent listens.
+#[derive(Clone, Debug)]
+pub struct SpawnRequest {
+    pub policy: Policy,
+    /// Path of the agent's unix socket. Its directory must exist and be reachable only by
+    /// the daemon (root-owned, `0700`); the socket is created `0600`. A stale socket there
+    /// is replaced; any other file is an error.
+    pub socket: PathBuf,
+}
+
+/// A persistent sandbox that [`spawn`] started. Store all of it: `pid` and `start_time`
+/// name init exactly (for [`alive`] and [`destroy`]), `cgroup_paths` let the daemon reopen
+/// and remove the cgroup later ([`crate::cgroup::Cgroup::open`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spawned {
+    /// init's pid in the caller's pid namespace.
+    pub pid: u32,
+    /// init's start time, field 22 of `/proc/PID/stat` (clock ticks since boot): with the
+    /// pid, it tells this init from a later process that got the same pid.
+    pub start_time: u64,
+    /// The sandbox's cgroup directories (empty without cgroups). Not removed by `spawn`'s
+    /// caller's exit: remove them after [`destroy`].
+    pub cgroup_paths: Vec<PathBuf>,
+    /// The layers the sandbox has.
+    pub layers: Layers,
+}
+
+/// How long [`spawn`] waits for init to report that the agent is ready.
+const SPAWN_READY_TIMEOUT_MS: i32 = 30_000;
+
+/// Starts a persistent sandbox: init becomes the agent ([`crate::agent`]) listening on
+/// `req.socket`, and outlives the caller (no parent-death signal; the caller's exit leaves it
+/// running). Returns once the agent listens.
+///
+/// Must be called from a single-threaded process (see [`crate::spawner`] for daemons).
+pub fn spawn(req: &SpawnRequest) -> Result<Spawned, RunError> {
+    let started = Instant::now();
+    let trace = Trace {
+        on: std::env::var_os("MOAT_TRACE").is_some_and(|v| v == "1"),
+        start: started,
+    };
+    req.policy
+        .validate()
+        .map_err(|e| RunError::Refused(e.to_string()))?;
+    let listener = listen(&req.socket)?;
+    let job = InitJob::Agent {
+        listener: OwnedFd::from(listener),
+    };
+    let sandbox = match start(&req.policy, trace, started, job) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = fs::remove_file(&req.socket);
+            return Err(e);
+        }
+    };
+    let fail = |sandbox: Sandbox, e: RunError| {
+        sandbox.kill();
+        let _ = fs::remove_file(&req.socket);
+        Err(e)
+    };
+    let line = match read_line(sandbox.st_r.as_raw_fd(), SPAWN_READY_TIMEOUT_MS) {
+        Ok(line) => line,
+        Err(e) => return fail(sandbox, io_ctx("wait for the sandbox's agent")(e)),
+    };
+    if line != "ready" {
+        let why = line.strip_prefix("error ").unwrap_or(&line).to_string();
+        let why = if why.is_empty() {
+            "the sandbox's init died during setup".to_string()
+        } else {
+            why
+        };
+        return fail(sandbox, RunError::Setup(why));
+    }
+    let pid = sandbox.pid as u32;
+    let start_time = match start_time(pid) {
+        Some(t) => t,
+        None => {
+            return fail(
+                sandbox,
+                RunError::Setup("the sandbox's init died right after it started".into()),
+            )
+        }
+    };
+    let layers = sandbox.layers();
+    let mut sandbox = sandbox;
+    let cgroup_paths = sandbox
+        .cg
+        .take()
+        .map(Cgroup::into_paths)
+        .unwrap_or_default();
+    trace.mark("host", "spawned");
+    // Our copies of the slot lock and the listener go; init holds its own.
+    drop(sandbox);
+    Ok(Spawned {
+        pid,
+        start_time,
+        cgroup_paths,
+        layers,
+    })
+}
+
+/// Binds and listens on a unix socket at `path`, mode `0600`.
+fn listen(path: &Path) -> Result<UnixListener, RunError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let what = || format!("listen on the agent socket {}", path.display());
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            fs::remove_file(path).map_err(io_ctx(what()))?;
+        }
+        Ok(_) => {
+            return Err(RunError::Setup(format!(
+                "{} exists and is not a socket: remove it or choose another socket path",
+                path.display()
+            )))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_ctx(what())(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(io_ctx(what()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_ctx(what()))?;
+    listener.set_nonblocking(true).map_err(io_ctx(what()))?;
+    Ok(listener)
+}
+
+/// Reads one status line from init (without the newline); EOF first gives "".
+fn read_line(fd: RawFd, timeout_ms: i32) -> io::Result<String> {
+    let deadline = Instant::now() + std::time::Duration::from_millis(timeout_ms as u64);
+    let mut line = Vec::new();
+    let mut b = [0u8; 256];
+    loop {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis() as i32;
+        if left <= 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "init did not report within 30 s",
+            ));
+        }
+        let rev = sys::poll(&[(fd, libc::POLLIN)], left)?;
+        if rev[0] == 0 {
+            continue;
+        }
+        match sys::read(fd, &mut b) {
+            Ok(0) => return Ok(String::from_utf8_lossy(&line).into_owned()),
+            Ok(n) => {
+                line.extend_from_slice(&b[..n]);
+                if let Some(end) = line.iter().position(|&c| c == b'\n') {
+                    line.truncate(end);
+                    return Ok(String::from_utf8_lossy(&line).into_owned());
+                }
+                if line.len() > 64 << 10 {
+                    return Ok(String::from_utf8_lossy(&line).into_owned());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Field 22 of `/proc/PID/stat` (start time in clock ticks since boot), unless the process
+/// is gone or a zombie.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces and parentheses) start after the
+    // last ')': field 3 (state) is first.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if fields.first().is_some_and(|s| *s == "Z" || *s == "X") {
+        return None;
+    }
+    fields.get(22 - 3)?.parse().ok()
+}
+
+/// Whether the init `pid` that started at `start_time` ([`Spawned`]) still runs.
+pub fn alive(pid: u32, start_time: u64) -> bool {
+    pid > 1 && self::start_time(pid) == Some(start_time)
+}
+
+/// How long [`destroy`] waits for a killed init to be gone.
+const DESTROY_TIMEOUT_MS: i32 = 5_000;
+
+/// Kills a persistent sandbox: SIGKILL to its init (which takes the whole pid namespace
+/// with it), then waits until it is gone (at most 5 s). Ok when it was gone already. Does
+/// not remove the cgroup (the caller has its paths).
+pub fn destroy(pid: u32, start_time: u64) -> io::Result<()> {
+    if pid <= 1 || pid > i32::MAX as u32 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("pid {pid} cannot be a sandbox's init"),
+        ));
+    }
+    let pidfd = match sys::pidfd_open(pid as libc::pid_t) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
+        Err(e) => return Err(io::Error::new(e.kind(), format!("pidfd_open {pid}: {e}"))),
+    };
+    // Checked after the pidfd exists: from here the pidfd names the process we checked.
+    if self::start_time(pid) != Some(start_time) {
+        return Ok(());
+    }
+    match sys::pidfd_kill(pidfd.as_raw_fd(), libc::SIGKILL) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
+        Err(e) => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("kill sandbox init {pid}: {e}"),
+            ))
+        }
+    }
+    let deadline = Instant::now() + std::time::Duration::from_millis(DESTROY_TIMEOUT_MS as u64);
+    loop {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis() as i32;
+        let rev = sys::poll(&[(pidfd.as_raw_fd(), libc::POLLIN)], left.max(0))?;
+        if rev[0] != 0 {
+            // Exited; reap it if it is our child (a spawner reaps its own).
+            let _ = sys::reap_pidfd(pidfd.as_raw_fd());
+            return Ok(());
+        }
+        if left <= 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "sandbox init {pid} did not exit within 5 s of SIGKILL (a task stuck in the \
+                     kernel, e.g. on a hung mount): try again later"
+                ),
+            ));
+        }
+    }
 }
 
 /// A CPU of `cpus` other than the one this thread runs on, if there is one.
@@ -412,12 +739,10 @@ fn stale_cgroup(name: &str) -> bool {
     false
 }
 
-struct ChildFds {
+/// init's ends of the pipes to the host.
+struct InitFds {
     sync_r: OwnedFd,
     st_w: OwnedFd,
-    in_r: OwnedFd,
-    out_w: OwnedFd,
-    err_w: OwnedFd,
 }
 
 fn report(st_w: RawFd, line: &str) {
@@ -430,16 +755,35 @@ fn report(st_w: RawFd, line: &str) {
 #[allow(clippy::too_many_arguments)]
 fn init_main(
     policy: &Policy,
-    argv: &[String],
     rootless: bool,
     landlock_abi: u32,
     prog: &[SockFilter],
     mountpoint: &str,
-    fds: ChildFds,
+    fds: InitFds,
+    job: InitJob<'_>,
     trace: Trace,
     cpus: Option<libc::cpu_set_t>,
 ) -> ! {
-    let _ = sys::set_parent_death_signal(libc::SIGKILL);
+    let agent = matches!(job, InitJob::Agent { .. });
+    if agent {
+        // A persistent sandbox outlives whoever started it: no parent-death signal, its own
+        // session (no job-control signals from the daemon's terminal), default signal
+        // dispositions (a spawner ignores SIGCHLD, which would auto-reap our children), and
+        // stdio on /dev/null instead of the daemon's.
+        let _ = sys::setsid();
+        sys::reset_signal_dispositions();
+        if let Ok(null) = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+        {
+            for fd in 0..3 {
+                let _ = sys::dup2(null.as_raw_fd(), fd);
+            }
+        }
+    } else {
+        let _ = sys::set_parent_death_signal(libc::SIGKILL);
+    }
     let mut go = [0u8; 1];
     match sys::read(fds.sync_r.as_raw_fd(), &mut go) {
         Ok(1) if go[0] == b'G' => {}
@@ -451,7 +795,7 @@ fn init_main(
     let _ = sys::set_not_dumpable();
     // Our argv and environ are still moat's, which name host paths, mount sources and --env
     // values: /proc/1/cmdline is world-readable.
-    let _ = sys::scrub_cmdline_and_environ("moat-init");
+    let _ = sys::scrub_cmdline_and_environ(if agent { "moat-agent" } else { "moat-init" });
     trace.mark("init", "released");
     let st_w = fds.st_w.as_raw_fd();
     let root = match init_setup(policy, rootless, mountpoint) {
@@ -473,9 +817,11 @@ fn init_main(
     // Die with moat. Set again here: becoming root of the user namespace (set_ids) changed our
     // euid, and the kernel clears the parent-death signal on every such change. If moat died
     // before this point, the read below sees EOF and we exit.
-    if let Err(e) = sys::set_parent_death_signal(libc::SIGKILL) {
-        report(st_w, &format!("error parent-death signal: {e}"));
-        sys::exit_now(125);
+    if !agent {
+        if let Err(e) = sys::set_parent_death_signal(libc::SIGKILL) {
+            report(st_w, &format!("error parent-death signal: {e}"));
+            sys::exit_now(125);
+        }
     }
     // Wait for the sandbox's cgroup; join it (v1: by writing ourselves in, while the host's
     // cgroupfs is still reachable), take a cgroup namespace rooted there (so /proc/self/cgroup
@@ -519,6 +865,29 @@ fn init_main(
             sys::exit_now(125);
         }
     };
+    let (argv, stdin, stdout, stderr) = match job {
+        InitJob::Run {
+            argv,
+            stdin,
+            stdout,
+            stderr,
+        } => (argv, stdin, stdout, stderr),
+        InitJob::Agent { listener } => {
+            let env = ExecEnv {
+                policy,
+                landlock_abi,
+                prog,
+            };
+            if let Err(e) = env.drop_to_sandbox_user(!rootless) {
+                report(st_w, &format!("error become the sandbox's user: {e}"));
+                sys::exit_now(125);
+            }
+            trace.mark("init", "agent-ready");
+            report(st_w, "ready");
+            drop(fds.st_w);
+            crate::agent::serve(listener, sigfd, env)
+        }
+    };
     let (xe_r, xe_w) = match sys::pipe() {
         Ok(p) => p,
         Err(e) => {
@@ -526,17 +895,23 @@ fn init_main(
             sys::exit_now(125);
         }
     };
+    let no_env = BTreeMap::new();
     let workload = match sys::fork() {
         Ok(0) => {
             let w = Workload {
-                policy,
+                env: ExecEnv {
+                    policy,
+                    landlock_abi,
+                    prog,
+                },
                 argv,
+                extra_env: &no_env,
+                cwd: None,
                 set_groups: !rootless,
-                landlock_abi,
-                prog,
-                stdin: fds.in_r.as_raw_fd(),
-                stdout: fds.out_w.as_raw_fd(),
-                stderr: fds.err_w.as_raw_fd(),
+                stdin: stdin.as_raw_fd(),
+                stdout: stdout.as_raw_fd(),
+                stderr: stderr.as_raw_fd(),
+                ctty: false,
                 xe_w: xe_w.as_raw_fd(),
             };
             w.exec()
@@ -547,7 +922,7 @@ fn init_main(
             sys::exit_now(125);
         }
     };
-    drop((fds.in_r, fds.out_w, fds.err_w, xe_w));
+    drop((stdin, stdout, stderr, xe_w));
     trace.mark("init", "workload-forked");
     let exec_error = read_to_end(xe_r.as_raw_fd());
     trace.mark("init", "workload-execed");
@@ -612,7 +987,7 @@ fn read_until_nul(fd: RawFd) -> Vec<u8> {
     }
 }
 
-fn read_to_end(fd: RawFd) -> Vec<u8> {
+pub(crate) fn read_to_end(fd: RawFd) -> Vec<u8> {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -651,17 +1026,111 @@ fn init_setup(policy: &Policy, rootless: bool, mountpoint: &str) -> io::Result<S
     Ok(root)
 }
 
-/// The workload process, between fork and exec.
-struct Workload<'a> {
-    policy: &'a Policy,
-    argv: &'a [String],
-    set_groups: bool,
-    landlock_abi: u32,
-    prog: &'a [SockFilter],
-    stdin: RawFd,
-    stdout: RawFd,
-    stderr: RawFd,
-    xe_w: RawFd,
+/// What every process started in a sandbox is confined by: the policy, the Landlock ABI in
+/// use and the seccomp program. init (agent mode) applies the same to itself.
+#[derive(Clone, Copy)]
+pub(crate) struct ExecEnv<'a> {
+    pub(crate) policy: &'a Policy,
+    pub(crate) landlock_abi: u32,
+    pub(crate) prog: &'a [SockFilter],
+}
+
+impl ExecEnv<'_> {
+    /// The base environment of every process: moat's clean defaults, then the policy's
+    /// `env`.
+    pub(crate) fn base_env(&self) -> Vec<(String, String)> {
+        let p = self.policy;
+        let mut env: Vec<(String, String)> = vec![
+            (
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            ),
+            ("HOME".into(), p.fs.workdir.clone()),
+            ("USER".into(), "user".into()),
+            ("LOGNAME".into(), "user".into()),
+            ("HOSTNAME".into(), p.process.hostname.clone()),
+            ("LANG".into(), "C.UTF-8".into()),
+            ("TMPDIR".into(), "/tmp".into()),
+        ];
+        for (k, v) in &p.env {
+            if let Some(slot) = env.iter_mut().find(|(x, _)| x == k) {
+                slot.1 = v.clone();
+            } else {
+                env.push((k.clone(), v.clone()));
+            }
+        }
+        env
+    }
+
+    /// The Landlock ruleset of the sandbox: read and execute everywhere, write only where
+    /// the policy makes the file system writable.
+    pub(crate) fn landlock(&self) -> io::Result<()> {
+        let abi = self.landlock_abi;
+        let all = ll::fs_rights_for_abi(abi);
+        let scoped = if abi >= 6 {
+            ll::SCOPE_SIGNAL | ll::SCOPE_ABSTRACT_UNIX_SOCKET
+        } else {
+            0
+        };
+        let mut rs = ll::Ruleset::new(all, scoped)?;
+        let read = ll::ACCESS_FS_READ_FILE | ll::ACCESS_FS_READ_DIR | ll::ACCESS_FS_EXECUTE;
+        rs.allow("/", read)?;
+        rs.allow("/proc", read | ll::ACCESS_FS_WRITE_FILE)?;
+        let dev =
+            read | ll::ACCESS_FS_WRITE_FILE | ll::ACCESS_FS_IOCTL_DEV | ll::ACCESS_FS_TRUNCATE;
+        // One rule for /dev: it is read-only, so write rights only reach the device nodes moat
+        // bound there (null, zero, full, random, urandom, tty) and the private devpts.
+        rs.allow("/dev", dev)?;
+        rs.allow("/dev/shm", all)?;
+        rs.allow("/tmp", all)?;
+        rs.allow(&self.policy.fs.workdir, all)?;
+        for m in &self.policy.fs.mounts {
+            rs.allow(&m.dst, if m.rw { all } else { read })?;
+        }
+        rs.restrict_self()
+    }
+
+    /// init becoming the agent: the workload's uid and gid, no capabilities, no new
+    /// privileges, the workload's Landlock ruleset and seccomp filter, not dumpable. From
+    /// here every file operation of the agent is the sandbox user's, inside the sandbox.
+    fn drop_to_sandbox_user(&self, set_groups: bool) -> io::Result<()> {
+        let ctx = |what: &'static str| {
+            move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"))
+        };
+        let p = self.policy;
+        moat_sys::caps::clear_ambient().map_err(ctx("clear ambient capabilities"))?;
+        sys::set_ids(p.process.uid, p.process.gid, set_groups).map_err(ctx("set uid/gid"))?;
+        moat_sys::caps::clear_all().map_err(ctx("clear capabilities"))?;
+        sys::set_no_new_privs().map_err(ctx("no_new_privs"))?;
+        if self.landlock_abi > 0 {
+            self.landlock().map_err(ctx("landlock"))?;
+        }
+        // Changing the euid made us dumpable again.
+        sys::set_not_dumpable().map_err(ctx("not dumpable"))?;
+        moat_sys::seccomp::install(self.prog).map_err(ctx("install seccomp filter"))?;
+        Ok(())
+    }
+}
+
+/// A process started in the sandbox (the workload of `moat run`, or an agent exec),
+/// between fork and exec.
+pub(crate) struct Workload<'a> {
+    pub(crate) env: ExecEnv<'a>,
+    pub(crate) argv: &'a [String],
+    /// Variables on top of [`ExecEnv::base_env`] (an exec request's `env`).
+    pub(crate) extra_env: &'a BTreeMap<String, String>,
+    /// Working directory; `None`: the policy's.
+    pub(crate) cwd: Option<&'a str>,
+    /// Clear the supplementary groups (needs CAP_SETGID: init as root of the namespace).
+    pub(crate) set_groups: bool,
+    pub(crate) stdin: RawFd,
+    pub(crate) stdout: RawFd,
+    pub(crate) stderr: RawFd,
+    /// stdin is a terminal to make the controlling terminal of the new session.
+    pub(crate) ctty: bool,
+    /// Where a failure is reported (`code\tmessage`) before exiting with `code`: 127 not
+    /// found, 126 not executable, 125 anything else. Closed by a successful exec.
+    pub(crate) xe_w: RawFd,
 }
 
 impl Workload<'_> {
@@ -670,7 +1139,8 @@ impl Workload<'_> {
         sys::exit_now(code)
     }
 
-    fn exec(&self) -> ! {
+    /// Prepares and executes the process; never returns.
+    pub(crate) fn exec(&self) -> ! {
         match self.prepare() {
             Ok((path, argv, envp)) => {
                 let e = sys::execve(&path, &argv, &envp);
@@ -697,8 +1167,22 @@ impl Workload<'_> {
         sys::dup2(self.stdin, 0).map_err(e("stdin"))?;
         sys::dup2(self.stdout, 1).map_err(e("stdout"))?;
         sys::dup2(self.stderr, 2).map_err(e("stderr"))?;
-        let p = self.policy;
-        std::env::set_current_dir(&p.fs.workdir).map_err(e("chdir to the working directory"))?;
+        if self.ctty {
+            sys::set_controlling_tty(0).map_err(e("controlling terminal"))?;
+        }
+        let p = self.env.policy;
+        match self.cwd {
+            None => std::env::set_current_dir(&p.fs.workdir)
+                .map_err(e("chdir to the working directory"))?,
+            Some(cwd) => std::env::set_current_dir(cwd).map_err(|err| {
+                let code = match err.kind() {
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => 127,
+                    io::ErrorKind::PermissionDenied => 126,
+                    _ => 125,
+                };
+                (code, format!("cannot change to the directory {cwd}: {err}"))
+            })?,
+        }
         let l = &p.limits;
         sys::set_rlimit(libc::RLIMIT_CORE, 0).map_err(e("rlimit core"))?;
         sys::set_rlimit(libc::RLIMIT_NOFILE, l.nofile).map_err(e("rlimit nofile"))?;
@@ -709,10 +1193,17 @@ impl Workload<'_> {
         sys::set_ids(p.process.uid, p.process.gid, self.set_groups).map_err(e("set uid/gid"))?;
         moat_sys::caps::clear_all().map_err(e("clear capabilities"))?;
         sys::set_no_new_privs().map_err(e("no_new_privs"))?;
-        if self.landlock_abi > 0 {
-            self.landlock().map_err(e("landlock"))?;
+        if self.env.landlock_abi > 0 {
+            self.env.landlock().map_err(e("landlock"))?;
         }
-        let env = self.env();
+        let mut env = self.env.base_env();
+        for (k, v) in self.extra_env {
+            if let Some(slot) = env.iter_mut().find(|(x, _)| x == k) {
+                slot.1 = v.clone();
+            } else {
+                env.push((k.clone(), v.clone()));
+            }
+        }
         let path = resolve(
             &self.argv[0],
             env.iter()
@@ -732,58 +1223,8 @@ impl Workload<'_> {
         let path = to_c(&path)?;
         sys::close_fds_from(3, Some(self.xe_w as libc::c_uint))
             .map_err(e("close inherited fds"))?;
-        moat_sys::seccomp::install(self.prog).map_err(e("install seccomp filter"))?;
+        moat_sys::seccomp::install(self.env.prog).map_err(e("install seccomp filter"))?;
         Ok((path, argv, envp))
-    }
-
-    fn env(&self) -> Vec<(String, String)> {
-        let p = self.policy;
-        let mut env: Vec<(String, String)> = vec![
-            (
-                "PATH".into(),
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-            ),
-            ("HOME".into(), p.fs.workdir.clone()),
-            ("USER".into(), "user".into()),
-            ("LOGNAME".into(), "user".into()),
-            ("HOSTNAME".into(), p.process.hostname.clone()),
-            ("LANG".into(), "C.UTF-8".into()),
-            ("TMPDIR".into(), "/tmp".into()),
-        ];
-        for (k, v) in &p.env {
-            if let Some(slot) = env.iter_mut().find(|(x, _)| x == k) {
-                slot.1 = v.clone();
-            } else {
-                env.push((k.clone(), v.clone()));
-            }
-        }
-        env
-    }
-
-    fn landlock(&self) -> io::Result<()> {
-        let abi = self.landlock_abi;
-        let all = ll::fs_rights_for_abi(abi);
-        let scoped = if abi >= 6 {
-            ll::SCOPE_SIGNAL | ll::SCOPE_ABSTRACT_UNIX_SOCKET
-        } else {
-            0
-        };
-        let mut rs = ll::Ruleset::new(all, scoped)?;
-        let read = ll::ACCESS_FS_READ_FILE | ll::ACCESS_FS_READ_DIR | ll::ACCESS_FS_EXECUTE;
-        rs.allow("/", read)?;
-        rs.allow("/proc", read | ll::ACCESS_FS_WRITE_FILE)?;
-        let dev =
-            read | ll::ACCESS_FS_WRITE_FILE | ll::ACCESS_FS_IOCTL_DEV | ll::ACCESS_FS_TRUNCATE;
-        // One rule for /dev: it is read-only, so write rights only reach the device nodes moat
-        // bound there (null, zero, full, random, urandom, tty) and the private devpts.
-        rs.allow("/dev", dev)?;
-        rs.allow("/dev/shm", all)?;
-        rs.allow("/tmp", all)?;
-        rs.allow(&self.policy.fs.workdir, all)?;
-        for m in &self.policy.fs.mounts {
-            rs.allow(&m.dst, if m.rw { all } else { read })?;
-        }
-        rs.restrict_self()
     }
 }
 

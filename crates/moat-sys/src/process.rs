@@ -533,3 +533,146 @@ pub fn cpu_in(set: &libc::cpu_set_t, cpu: usize) -> bool {
     // SAFETY: `cpu` is within the set's bit array (checked first).
     cpu < 8 * std::mem::size_of::<libc::cpu_set_t>() && unsafe { libc::CPU_ISSET(cpu, set) }
 }
+
+/// Closes every fd from 3 up except those in `keep` (for a long-lived child that must not
+/// hold its parent's descriptors).
+pub fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
+    let mut keep: Vec<libc::c_uint> = keep
+        .iter()
+        .filter(|&&fd| fd >= 3)
+        .map(|&fd| fd as libc::c_uint)
+        .collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut lo: libc::c_uint = 3;
+    for k in keep.into_iter().chain(std::iter::once(libc::c_uint::MAX)) {
+        if k > lo {
+            let hi = if k == libc::c_uint::MAX { k } else { k - 1 };
+            // SAFETY: close_range takes integers; the caller asked to close these fds and
+            // uses none of them afterwards.
+            cvt_long(unsafe { libc::syscall(libc::SYS_close_range, lo, hi, 0 as libc::c_uint) })?;
+        }
+        lo = k.saturating_add(1);
+    }
+    Ok(())
+}
+
+/// Sets the disposition of `sig` to ignore (`SIG_IGN`). For `SIGCHLD` this makes the
+/// kernel reap exited children at once.
+pub fn ignore_signal(sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: SIG_IGN is a valid disposition for every catchable signal.
+    let r = unsafe { libc::signal(sig, libc::SIG_IGN) };
+    if r == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `pidfd_open(2)`: a pidfd for `pid` (in the caller's pid namespace).
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: integers only.
+    let fd = cvt_long(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) })?;
+    // SAFETY: pidfd_open returned a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `waitid(P_PIDFD, pidfd, WEXITED | WNOHANG | __WALL)`: reaps the process if it is our
+/// child and has exited. `Ok(false)` when it still runs; `ECHILD` when it is not our child.
+pub fn reap_pidfd(pidfd: RawFd) -> io::Result<bool> {
+    // SAFETY: siginfo_t is plain data; zeroed is a valid out-parameter.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a live siginfo_t; P_PIDFD takes the fd as the id.
+    cvt(unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::__WALL,
+        )
+    })?;
+    // SAFETY: waitid filled `info` (or left it zeroed, where si_pid reads 0).
+    Ok(unsafe { info.si_pid() } != 0)
+}
+
+/// `getpgid(2)`-free process-group signal: `kill(-pgid, sig)`.
+pub fn kill_group(pgid: libc::pid_t, sig: libc::c_int) -> io::Result<()> {
+    if pgid <= 1 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    kill(-pgid, sig)
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`), the unit of `/proc/PID/stat` times.
+pub fn clock_ticks() -> u64 {
+    // SAFETY: sysconf takes an integer.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as u64
+    } else {
+        100
+    }
+}
+
+/// The page size in bytes (`sysconf(_SC_PAGESIZE)`), the unit of `/proc/PID/stat` RSS.
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf takes an integer.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as u64
+    } else {
+        4096
+    }
+}
+
+/// Opens a new pseudo-terminal in the devpts instance of `ptmx` (e.g. `/dev/pts/ptmx`):
+/// unlocks it and returns the master and its peer (the terminal end, opened through the
+/// master with `TIOCGPTPEER`, so no path lookup can be raced), both `O_CLOEXEC`, plus the
+/// terminal's number (`/dev/pts/N`).
+pub fn open_pty(ptmx: &str) -> io::Result<(OwnedFd, OwnedFd, u32)> {
+    let path = crate::cstr(ptmx)?;
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    let fd = cvt(unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: open returned a fresh fd that we now own.
+    let master = unsafe { OwnedFd::from_raw_fd(fd) };
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads one int from the pointer, which points to a live local.
+    cvt(unsafe { libc::ioctl(fd, libc::TIOCSPTLCK, &unlock) })?;
+    let mut n: libc::c_uint = 0;
+    // SAFETY: TIOCGPTN writes one unsigned int into the live local.
+    cvt(unsafe { libc::ioctl(fd, libc::TIOCGPTN, &mut n) })?;
+    // SAFETY: TIOCGPTPEER takes open flags as an integer and returns a fresh fd.
+    let peer = cvt(unsafe {
+        libc::ioctl(
+            fd,
+            libc::TIOCGPTPEER,
+            (libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) as libc::c_ulong,
+        )
+    })?;
+    // SAFETY: TIOCGPTPEER returned a fresh fd that we now own.
+    let peer = unsafe { OwnedFd::from_raw_fd(peer) };
+    Ok((master, peer, n))
+}
+
+/// Sets a terminal's window size (`TIOCSWINSZ`) on either end of a pty.
+pub fn set_window_size(fd: RawFd, rows: u16, cols: u16) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which points to a live local.
+    cvt(unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) }).map(drop)
+}
+
+/// Makes the terminal `fd` the controlling terminal of this (session leader) process
+/// (`TIOCSCTTY`).
+pub fn set_controlling_tty(fd: RawFd) -> io::Result<()> {
+    // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal).
+    cvt(unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0 as libc::c_ulong) }).map(drop)
+}
