@@ -53,8 +53,9 @@ impl Sandbox {
     fn start() -> Option<Sandbox> {
         let Some(binary) = spawner_binary() else {
             return skip(
-                "no moat-spawner helper: build it with `cargo build -p moat-backend --bin \
-                 moat-spawner`, or set MOAT_SPAWNER",
+                "no moat-spawner helper next to this test: build it with `cargo build -p \
+                 moat-backend --bin moat-spawner` (`cargo test --workspace` does), or set \
+                 MOAT_SPAWNER to its path",
             );
         };
         let dir = std::env::temp_dir().join(format!("moat-agent-client-{}", std::process::id()));
