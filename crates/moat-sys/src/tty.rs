@@ -34,6 +34,26 @@ pub fn window_size(fd: BorrowedFd<'_>) -> io::Result<WinSize> {
     })
 }
 
+/// Whether reading `fd` would not block within `timeout`: input is there, or its end
+/// (`poll(2)` for `POLLIN`; a hang-up or error counts, as the read then returns at once).
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    loop {
+        // SAFETY: poll reads and writes exactly one pollfd, which is live; the borrow keeps
+        // the fd open.
+        match cvt(unsafe { libc::poll(&mut p, 1, ms) }) {
+            Ok(n) => return Ok(n > 0),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// The terminal settings to put back: the fd and its settings from before raw mode. Kept in a
 /// static too so that [`restore_terminal`] (for a panic hook or a signal-driven exit) can put
 /// them back when the [`RawMode`] guard cannot run.
@@ -155,6 +175,20 @@ mod tests {
         assert!(!is_tty(r.as_fd()));
         assert!(window_size(r.as_fd()).is_err());
         assert!(RawMode::enable(r.as_fd()).is_err());
+    }
+
+    #[test]
+    fn readable_means_data_or_its_end() {
+        use std::io::Write;
+        use std::time::Duration;
+        let (r, mut w) = std::io::pipe().unwrap();
+        assert!(!wait_readable(r.as_fd(), Duration::ZERO).unwrap());
+        assert!(!wait_readable(r.as_fd(), Duration::from_millis(5)).unwrap());
+        w.write_all(b"x").unwrap();
+        assert!(wait_readable(r.as_fd(), Duration::ZERO).unwrap());
+        let (r2, w2) = std::io::pipe().unwrap();
+        drop(w2);
+        assert!(wait_readable(r2.as_fd(), Duration::ZERO).unwrap());
     }
 
     #[test]

@@ -8,8 +8,14 @@ use std::io::{BufRead, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tungstenite::Message;
+
+/// How long `shell` waits for output before it looks at its input again.
+const SLOW_TICK: Duration = Duration::from_millis(20);
+/// The same, for a while after input went out.
+const FAST_TICK: Duration = Duration::from_millis(1);
+const FAST_FOR: Duration = Duration::from_millis(100);
 
 /// The exit code of `exec`/`shell` when the call itself failed.
 const CALL_FAILED: i32 = 125;
@@ -350,7 +356,7 @@ fn shell_inner(a: &ShellArgs, is_tty: bool) -> Result<i32> {
     ws.send(Message::text(start.to_string()))
         .map_err(|e| Error::Msg(format!("starting the command: {e}")))?;
     ws.get_mut()
-        .set_read_timeout(Some(Duration::from_millis(20)))
+        .set_read_timeout(Some(SLOW_TICK))
         .map_err(|e| Error::Msg(format!("setting up the socket: {e}")))?;
 
     tty::catch_signals(&[libc::SIGWINCH, libc::SIGTERM, libc::SIGHUP])
@@ -364,18 +370,39 @@ fn shell_inner(a: &ShellArgs, is_tty: bool) -> Result<i32> {
         None
     };
 
+    // Read stdin unbuffered (a dup of fd 0), so that `wait_readable` sees what `read` would.
+    let mut input = std::fs::File::from(
+        stdin
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::Msg(format!("reading stdin: {e}")))?,
+    );
     let (tx, rx) = mpsc::channel::<Input>();
     std::thread::spawn(move || {
-        let mut stdin = std::io::stdin();
         let mut buf = vec![0u8; 16 * 1024];
+        let cap = buf.len() - 1;
         loop {
-            match stdin.read(&mut buf) {
+            match input.read(&mut buf[..cap]) {
                 Ok(0) => {
                     let _ = tx.send(Input::Eof);
                     return;
                 }
-                Ok(n) => {
+                Ok(mut n) => {
+                    // When the end follows at once (a pipe or a file), send both together, so
+                    // the end reaches the sandbox before a quick command's exit does.
+                    let mut ends = false;
+                    if tty::wait_readable(input.as_fd(), Duration::ZERO).unwrap_or(false) {
+                        match input.read(&mut buf[n..n + 1]) {
+                            Ok(0) => ends = true,
+                            Ok(k) => n += k,
+                            Err(_) => {}
+                        }
+                    }
                     if tx.send(Input::Data(buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                    if ends {
+                        let _ = tx.send(Input::Eof);
                         return;
                     }
                 }
@@ -392,35 +419,59 @@ fn shell_inner(a: &ShellArgs, is_tty: bool) -> Result<i32> {
     let mut stderr = std::io::stderr();
     let mut stdin_open = true;
     let mut exit: Option<i32> = None;
-    let werr = |e: tungstenite::Error| Error::Msg(format!("sending to the sandbox: {e}"));
+    let mut exit_at: Option<Instant> = None;
+    // When the last input went out; right after it, poll faster, so that the stdin's end,
+    // which usually follows at once, is sent before a quick command's exit.
+    let mut last_input: Option<Instant> = None;
+    let mut tick = SLOW_TICK;
+    // A failed send is not the end: the exit status may still be on its way, and the read
+    // below decides. Input after that is dropped.
+    let mut can_send = true;
+    let send = |ws: &mut tungstenite::WebSocket<TcpStream>, m: Message, can: &mut bool| {
+        if *can && ws.send(m).is_err() {
+            *can = false;
+        }
+    };
     loop {
+        // The server closes right after the exit message; do not hang if it does not.
+        if exit_at.is_some_and(|t| t.elapsed() > Duration::from_secs(2)) {
+            break;
+        }
         if is_tty && tty::take_signal(libc::SIGWINCH) {
             if let Ok(s) = tty::window_size(stdin.as_fd()) {
-                ws.send(Message::text(
-                    json!({"type": "resize", "rows": s.rows, "cols": s.cols}).to_string(),
-                ))
-                .map_err(werr)?;
+                let m = json!({"type": "resize", "rows": s.rows, "cols": s.cols});
+                send(&mut ws, Message::text(m.to_string()), &mut can_send);
             }
         }
         for sig in [libc::SIGTERM, libc::SIGHUP] {
             if tty::take_signal(sig) {
                 // Stop the remote command too, then go; the terminal is restored on return.
-                let _ = ws.send(Message::text(
-                    json!({"type": "signal", "signal": sig}).to_string(),
-                ));
+                let m = json!({"type": "signal", "signal": sig});
+                send(&mut ws, Message::text(m.to_string()), &mut can_send);
                 return Ok(128 + sig);
             }
         }
         while stdin_open {
             match rx.try_recv() {
-                Ok(Input::Data(d)) => ws.send(Message::binary(d)).map_err(werr)?,
+                Ok(Input::Data(d)) => {
+                    send(&mut ws, Message::binary(d), &mut can_send);
+                    last_input = Some(Instant::now());
+                }
                 Ok(Input::Eof) | Err(mpsc::TryRecvError::Disconnected) => {
                     stdin_open = false;
-                    ws.send(Message::text(json!({"type": "eof"}).to_string()))
-                        .map_err(werr)?;
+                    let m = json!({"type": "eof"});
+                    send(&mut ws, Message::text(m.to_string()), &mut can_send);
                 }
                 Err(mpsc::TryRecvError::Empty) => break,
             }
+        }
+        let want = if stdin_open && last_input.is_some_and(|t| t.elapsed() < FAST_FOR) {
+            FAST_TICK
+        } else {
+            SLOW_TICK
+        };
+        if want != tick && ws.get_mut().set_read_timeout(Some(want)).is_ok() {
+            tick = want;
         }
         match ws.read() {
             Ok(Message::Binary(b)) => {
@@ -445,6 +496,7 @@ fn shell_inner(a: &ShellArgs, is_tty: bool) -> Result<i32> {
                             r.cli_exit_code()
                         });
                         exit = Some(code);
+                        exit_at = Some(Instant::now());
                     }
                     Some("error") => {
                         return Err(Error::Api {
