@@ -513,7 +513,11 @@ fn shell_inner(a: &ShellArgs, is_tty: bool) -> Result<i32> {
             Err(tungstenite::Error::Io(e))
                 if matches!(
                     e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        // A socket read with a timeout is not restarted after a signal
+                        // (SIGWINCH), even with SA_RESTART.
+                        | std::io::ErrorKind::Interrupted
                 ) => {}
             Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => break,
             Err(e) => {

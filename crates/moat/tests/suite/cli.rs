@@ -734,9 +734,11 @@ fn cli_shell_on_a_terminal() {
     let d = Daemon::start();
     let id = d.create(&[]);
     // script(1) runs moat shell on a fresh pty of 30x100; the remote side must be a terminal
-    // of that size, and the exit code comes back.
+    // of that size, the exit code comes back, and the local terminal's settings are as before.
     let inner = format!(
-        "stty rows 30 cols 100; {} shell {id} -- /bin/sh -c 'tty >/dev/null && echo IS-A-TTY; stty size; exit 6'",
+        "stty rows 30 cols 100; S1=$(stty -g); {} shell {id} -- /bin/sh -c 'tty >/dev/null && \
+         echo IS-A-TTY; stty size; exit 6'; rc=$?; [ \"$(stty -g)\" = \"$S1\" ] && \
+         echo TTY-RESTORED; exit $rc",
         moat_bin().display()
     );
     let mut cmd = Command::new("script");
@@ -752,4 +754,89 @@ fn cli_shell_on_a_terminal() {
     assert_eq!(out.status.code(), Some(6), "{text}");
     assert!(text.contains("IS-A-TTY"), "{text}");
     assert!(text.contains("30 100"), "{text}");
+    assert!(text.contains("TTY-RESTORED"), "{text}");
+}
+
+/// Drives `moat shell` on a pty from Python: window size, resize (SIGWINCH), TERM, ^C to the
+/// remote command, the exit code.
+const PTY_DRIVER: &str = r#"
+import os, pty, sys, time, fcntl, termios, struct, select
+moat, sid = sys.argv[1], sys.argv[2]
+pid, fd = pty.fork()
+if pid == 0:
+    fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 20, 70, 0, 0))
+    os.execv(moat, [moat, "shell", sid])
+def until(marker, sec=20):
+    out = b""
+    end = time.time() + sec
+    while time.time() < end and marker not in out:
+        r, _, _ = select.select([fd], [], [], 0.05)
+        if r:
+            try:
+                out += os.read(fd, 65536)
+            except OSError:
+                break
+    sys.stdout.write(out.decode("utf-8", "replace").replace("\r", ""))
+    sys.stdout.flush()
+    return marker in out
+until(b"$ ")
+os.write(fd, b"stty size; echo MARK-$((1+1))\r")
+until(b"MARK-2\r\n")
+fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 44, 132, 0, 0))
+time.sleep(0.5)
+os.write(fd, b"stty size; echo TERM=$TERM; echo MARK-$((2+2))\r")
+until(b"MARK-4\r\n")
+os.write(fd, b"sleep 60; echo SL''EPT\r")
+time.sleep(1)
+t = time.time()
+os.write(fd, b"\x03")
+os.write(fd, b"echo AFTER-$((3+3))\r")
+until(b"AFTER-6\r\n")
+print("INTERRUPTED-IN %.1f" % (time.time() - t))
+os.write(fd, b"exit 3\r")
+until(b"NEVER", 3)
+_, st = os.waitpid(pid, 0)
+print("EXIT %d" % os.waitstatus_to_exitcode(st))
+"#;
+
+#[test]
+fn cli_shell_resizes_and_forwards_control_keys() {
+    if !require(have("python3"), "python3, to drive moat shell on a pty") {
+        return;
+    }
+    let d = Daemon::start();
+    let id = d.create(&[]);
+    let driver = d.dir.join("pty_driver.py");
+    std::fs::write(&driver, PTY_DRIVER).unwrap();
+    let out = Command::new("python3")
+        .arg(&driver)
+        .arg(moat_bin())
+        .arg(&id)
+        .env("MOAT_URL", &d.url)
+        .env("MOAT_API_KEY", &d.key)
+        .env("TERM", "xterm-256color")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}\n{err}");
+    assert!(text.contains("\n20 70\n"), "the first size: {text}");
+    assert!(
+        text.contains("\n44 132\n"),
+        "the size after a resize: {text}"
+    );
+    assert!(text.contains("TERM=xterm-256color"), "{text}");
+    assert!(
+        !text.contains("\nSLEPT"),
+        "^C did not reach the remote sleep: {text}"
+    );
+    let secs: f64 = text
+        .split("INTERRUPTED-IN ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(secs < 10.0, "{text}");
+    assert!(text.contains("EXIT 3"), "{text}\n{err}");
 }
