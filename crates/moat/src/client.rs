@@ -70,6 +70,8 @@ pub enum Command {
     Resume(IdArgs),
     /// List a sandbox's background processes.
     Ps(IdArgs),
+    /// Give a sandbox a new lifetime from now (capped by the server's --max-ttl).
+    Timeout(TimeoutArgs),
     /// Scoped tokens: credentials good for one sandbox and some scopes.
     Token {
         #[command(subcommand)]
@@ -175,6 +177,21 @@ pub struct IdArgs {
 }
 
 #[derive(Args)]
+pub struct TimeoutArgs {
+    /// Sandbox id.
+    #[arg(value_name = "ID")]
+    pub id: String,
+    /// The new lifetime from now, e.g. 10m, 2h, or seconds.
+    #[arg(value_name = "DURATION")]
+    pub duration: String,
+    /// Print the API's JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Args)]
 pub struct LogsArgs {
     /// Sandbox id.
     #[arg(value_name = "ID")]
@@ -228,6 +245,7 @@ pub fn main(cmd: Command) -> i32 {
         Command::Pause(a) => pause_resume(a, "pause"),
         Command::Resume(a) => pause_resume(a, "resume"),
         Command::Ps(a) => ps(a),
+        Command::Timeout(a) => set_timeout(a),
         Command::Token {
             cmd: TokenCmd::Create(a),
         } => token_create(a),
@@ -736,6 +754,28 @@ fn pause_resume(a: IdArgs, what: &str) -> Result<i32> {
             "{} {}",
             v["id"].as_str().unwrap_or(&a.id),
             v["state"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(0)
+}
+
+fn set_timeout(a: TimeoutArgs) -> Result<i32> {
+    let secs = text::parse_whole_secs(&a.duration, "DURATION")?;
+    let c = Client::new(&a.conn)?;
+    let v = c.call(
+        "POST",
+        &sandbox_path(&a.id, "/timeout"),
+        Some(&json!({ "timeout_s": secs })),
+    )?;
+    if a.json {
+        print_json(&v);
+    } else {
+        let exp = v["expires_at"].as_u64().unwrap_or(0);
+        println!(
+            "{} expires {} ({})",
+            v["id"].as_str().unwrap_or(&a.id),
+            text::utc(exp),
+            text::relative(exp, text::now_ms())
         );
     }
     Ok(0)

@@ -207,7 +207,15 @@ pub fn summary(v: &Value, max: usize) -> String {
                 if !s.is_empty() {
                     s.push(' ');
                 }
-                let _ = write!(s, "{k}={}", scalar(v));
+                match v.as_u64() {
+                    // Times (`expires_at`...) as times, not as milliseconds.
+                    Some(ms) if k.ends_with("_at") => {
+                        let _ = write!(s, "{k}={}", utc(ms));
+                    }
+                    _ => {
+                        let _ = write!(s, "{k}={}", scalar(v));
+                    }
+                }
             }
             s
         }
@@ -345,6 +353,10 @@ mod tests {
             "cmd=[\"ls\",\"-l\"] exit_code=0 path=\"/work/a b\""
         );
         assert_eq!(summary(&json!(null), 10), "");
+        assert_eq!(
+            summary(&json!({"expires_at": 1_796_159_828_000u64, "n": 3}), 100),
+            "expires_at=2026-12-01T21:17:08Z n=3"
+        );
         assert_eq!(summary(&json!({"a": "xxxxxxxxxx"}), 6), "a=xxx…");
         assert_eq!(metadata_cell(&json!({"a": "1", "b": 2})), "a=1,b=2");
         assert_eq!(metadata_cell(&json!({})), "-");

@@ -372,6 +372,14 @@ fn cli_create_ls_pause_resume_rm() {
     assert_eq!(v["state"], "running");
     assert_eq!(d.ok(&["exec", &a, "--", "echo", "back"]), "back\n");
 
+    // timeout: a new lifetime from now.
+    let out = d.ok(&["timeout", &b, "2h"]);
+    assert!(out.starts_with(&format!("{b} expires ")), "{out}");
+    assert!(
+        out.contains("(in 1h59m") || out.contains("(in 2h00m"),
+        "{out}"
+    );
+
     // ps: a fresh sandbox has no background processes; the table still has its header.
     assert!(d.ok(&["ps", &a]).starts_with("PID"));
     let v = json_of(&d.moat(&["ps", &a, "--json"]));
