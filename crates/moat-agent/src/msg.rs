@@ -195,8 +195,10 @@ pub enum Request {
         /// Program and arguments; `argv[0]` without a `/` is looked up in `PATH` from `env`.
         /// Non-empty, at most [`MAX_ARGS`] arguments and [`MAX_ARGV_BYTES`] bytes.
         argv: Vec<String>,
-        /// The complete environment: nothing is inherited from the agent. Names match
-        /// `[A-Za-z_][A-Za-z0-9_]*`. Default: empty.
+        /// Variables on top of the sandbox's base environment (moat's `PATH`, `HOME`,
+        /// `USER`, `LOGNAME`, `HOSTNAME`, `LANG`, `TMPDIR`, then the policy's `env`), which
+        /// they override; nothing comes from the agent's own environment or the host's.
+        /// Names match `[A-Za-z_][A-Za-z0-9_]*`. Default: empty.
         #[serde(default)]
         env: BTreeMap<String, String>,
         /// Absolute working directory inside the sandbox. Default: the sandbox's own.

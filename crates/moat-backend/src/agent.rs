@@ -1022,9 +1022,9 @@ impl Agent<'_> {
                 finished_ms: p.finished_ms.filter(|_| p.exit.is_some()),
             })
             .collect();
-        // Finished ones first out when the list is too long (oldest finish first).
-        procs.sort_by_key(|p| (p.running, p.finished_ms.map(std::cmp::Reverse), p.pid));
-        procs.reverse();
+        // Running ones first, then the finished ones from the most recent: what a cut for
+        // size drops is the oldest finished.
+        procs.sort_by_key(|p| (!p.running, p.finished_ms.map(std::cmp::Reverse), p.pid));
         procs.truncate(MAX_PROCS);
         loop {
             let response = Response::ProcList {

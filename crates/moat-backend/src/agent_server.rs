@@ -1,6 +1,6 @@
 //! The agent side of the moat agent protocol ([`moat_agent`]), as a pure state machine:
-//! bytes in, bytes and [`Event`]s out, no I/O, no threads. init's `poll` loop (persistent
-//! sandboxes, issue 3; not written yet) owns the sockets and the processes and drives one
+//! bytes in, bytes and [`Event`]s out, no I/O, no threads. The agent's `poll` loop (init of a
+//! persistent sandbox, `agent.rs`) owns the sockets and the processes and drives one
 //! [`AgentConn`] per host connection.
 //!
 //! What it does today:
@@ -15,13 +15,13 @@
 //!   [`Event::Cancel`] for the streams that take them: Data and Eof for a foreground
 //!   `Exec` with `stdin`, a `WriteFile` and a `ProcStdin`; Cancel for every open stream
 //!   (an `Exec`, a `ReadFile`, a `WriteFile`, a `ProcOutput`, a `ProcStdin`). The caller
-//!   ([`crate::agent`]) answers through [`AgentConn::respond`], [`AgentConn::data`] and
+//!   (the agent's loop) answers through [`AgentConn::respond`], [`AgentConn::data`] and
 //!   [`AgentConn::eof`];
 //! - drops frames for closed streams silently, as the protocol says, and Data or Eof on a
 //!   stream whose request takes none.
 //!
-//! An exec error (a missing program) is meant to be answered with a lone `Error`
-//! (`not_found`), as the protocol documents; that is the caller's job.
+//! An exec error (a missing program) is answered with a lone `Error` (`not_found`), as the
+//! protocol documents; that is the caller's job.
 
 use std::collections::BTreeSet;
 

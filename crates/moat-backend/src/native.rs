@@ -15,6 +15,14 @@
 //! When init exits, the kernel kills every process left in the pid namespace, so a timeout or
 //! a kill only has to kill init: double-forked processes die with it. Init dies with moat
 //! (parent-death signal), so a killed moat leaves nothing running either.
+//!
+//! A persistent sandbox ([`spawn`]) shares the whole start sequence; then init, instead of
+//! forking one workload, drops to the workload's credentials and confinement itself (uid and
+//! gid, no capabilities, no_new_privs, Landlock, seccomp, not dumpable) and becomes the agent
+//! on the unix socket the host bound before the clone. It has no parent-death signal, holds
+//! the uid slot's lock for its whole life, and its cgroup stays until the daemon removes it:
+//! the sandbox outlives the daemon. [`destroy`] kills init, which takes the pid namespace with
+//! it.
 
 use crate::cgroup::{self, Cgroup};
 use crate::idmap::IdMap;
@@ -505,9 +513,9 @@ pub struct Spawned {
 /// How long [`spawn`] waits for init to report that the agent is ready.
 const SPAWN_READY_TIMEOUT_MS: i32 = 30_000;
 
-/// Starts a persistent sandbox: init becomes the agent ([`crate::agent`]) listening on
-/// `req.socket`, and outlives the caller (no parent-death signal; the caller's exit leaves it
-/// running). Returns once the agent listens.
+/// Starts a persistent sandbox: init becomes the agent (every request of [`moat_agent`])
+/// listening on `req.socket`, and outlives the caller (no parent-death signal; the caller's
+/// exit leaves it running). Returns once the agent listens.
 ///
 /// Must be called from a single-threaded process (see [`crate::spawner`] for daemons).
 pub fn spawn(req: &SpawnRequest) -> Result<Spawned, RunError> {

@@ -463,6 +463,33 @@ fn exec_pipes_exit_codes_errors_timeout_cancel() {
         assert_eq!(o.stdout.len(), 20_000_000);
         assert!(o.stdout.iter().all(|&b| b == 0));
 
+        // The workload cannot take the agent down or look into it: PID 1 of the pid
+        // namespace drops the signals, and it is not dumpable.
+        let o =
+            c.sh("kill -KILL 1; kill -STOP 1; kill -TERM 1; kill -INT 1; kill -SEGV 1; echo sent");
+        assert_eq!(o.out(), "sent\n");
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(c.run(&["true"]).exit(), (Some(0), None, Status::Ok));
+        for path in ["/proc/1/maps", "/proc/1/environ", "/proc/1/mem"] {
+            let o = c.sh(&format!("head -c 100 {path} | od -c | head -2"));
+            assert!(
+                o.out().trim().is_empty() || !o.stderr.is_empty(),
+                "{path}: {o:?}"
+            );
+        }
+        let o = c.sh("ls /proc/1/fd 2>&1; ls -l /proc/1/exe 2>&1");
+        assert!(!o.out().contains("socket:"), "{}", o.out());
+        assert!(!o.out().contains("moat"), "{}", o.out());
+
+        // Many execs at once on one connection.
+        let streams: Vec<u32> = (0..12)
+            .map(|i| c.request(&exec(&["sh", "-c", &format!("sleep 0.2; echo {i}")])))
+            .collect();
+        for (i, s) in streams.into_iter().enumerate() {
+            let o = c.finish(s);
+            assert_eq!(o.out(), format!("{i}\n"));
+        }
+
         // Metrics of the whole sandbox.
         match c.call(&Request::Metrics {}).last {
             Some(Response::Metrics {
