@@ -160,10 +160,15 @@ pub fn follow_stream(
                 text::cut(&line, 200)
             ))
         })?;
-        // A closed stdout (`| head`) is not an error of the command: keep draining.
         match ev["type"].as_str() {
             Some("stdout") => {
-                let _ = write_chunk(&ev, stdout);
+                // A closed stdout (`| head -1`) ends this side as SIGPIPE would (141); dropping
+                // the stream cancels the command.
+                if let Err(e) = write_chunk(&ev, stdout) {
+                    if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        return Ok(128 + libc::SIGPIPE);
+                    }
+                }
             }
             Some("stderr") => {
                 let _ = write_chunk(&ev, stderr);
@@ -619,7 +624,20 @@ mod tests {
         assert_eq!(out, b"hello \xff\x00");
         assert_eq!(err, b"warn\n");
 
+        struct Closed;
+        impl Write for Closed {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
         let s = "{\"type\":\"stdout\",\"data\":\"x\"}\n";
+        assert_eq!(
+            follow_stream(s.as_bytes(), &mut Closed, &mut Vec::new()).unwrap(),
+            141
+        );
         let e = follow_stream(s.as_bytes(), &mut Vec::new(), &mut Vec::new()).unwrap_err();
         assert!(e.to_string().contains("ended before"), "{e}");
         let s = "{\"type\":\"error\",\"code\":\"internal\",\"message\":\"agent died\"}\n";

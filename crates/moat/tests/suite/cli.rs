@@ -479,6 +479,23 @@ fn cli_exec_exit_codes_output_and_stdin() {
     let res: moat_api::ExecResult = serde_json::from_value(v).unwrap();
     assert_eq!(res.sandbox.tier, "native");
 
+    // A reader that goes away (`| head`) ends moat exec as SIGPIPE would: 141, at once.
+    let code_file = d.dir.join("pipe-code");
+    let script = format!(
+        "{{ '{}' exec {id} -- yes; echo $? > '{}'; }} | head -c 4",
+        moat_bin().display(),
+        code_file.display()
+    );
+    let out = Command::new("/bin/sh")
+        .args(["-c", &script])
+        .env("MOAT_URL", &d.url)
+        .env("MOAT_API_KEY", &d.key)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, b"y\ny\n");
+    assert_eq!(std::fs::read_to_string(&code_file).unwrap().trim(), "141");
+
     // A call that fails is 125 with the API's message: unknown sandbox.
     let r = d.moat(&["exec", "sbx_doesnotexist", "--", "true"]);
     assert_eq!(r.code, 125, "{}", r.stderr);
