@@ -4,7 +4,7 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Which cgroup hierarchy the host runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,18 +28,32 @@ pub enum Controller {
     Memory,
     Pids,
     Cpu,
+    /// CPU accounting (v1: `cpuacct.usage`; v2: the core `cpu.stat`).
+    Cpuacct,
+    /// Pausing a sandbox (v1: `freezer.state`; v2: the core `cgroup.freeze`).
+    Freezer,
 }
 
 impl Controller {
+    /// The controllers that enforce limits (a sandbox's policy depends on them).
     pub const ALL: [Controller; 3] = [Controller::Memory, Controller::Pids, Controller::Cpu];
+    /// cgroup v1 hierarchies used when mounted, for accounting and pausing only.
+    pub const EXTRA: [Controller; 2] = [Controller::Cpuacct, Controller::Freezer];
     pub fn name(self) -> &'static str {
         match self {
             Controller::Memory => "memory",
             Controller::Pids => "pids",
             Controller::Cpu => "cpu",
+            Controller::Cpuacct => "cpuacct",
+            Controller::Freezer => "freezer",
         }
     }
 }
+
+/// How long [`Cgroup::freeze`] and [`Cgroup::thaw`] wait for the kernel.
+pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`Cgroup::destroy`] retries removing a directory whose tasks are still exiting.
+pub const REMOVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -52,6 +66,11 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
+    /// A stored path that is not a sandbox cgroup moat could have made.
+    #[error("{path}: not a moat sandbox cgroup: {why}")]
+    NotSandbox { path: PathBuf, why: String },
+    #[error("cgroup {path}: {what}")]
+    Timeout { path: PathBuf, what: String },
 }
 
 fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> CgroupError {
@@ -70,6 +89,10 @@ pub struct Host {
     pub missing: Vec<(Controller, String)>,
     /// v2: the hierarchy's root directory (its mount point), when this process can see it.
     pub v2_root: Option<PathBuf>,
+    /// v1: moat's own cgroup in the `cpuacct` and `freezer` hierarchies
+    /// ([`Controller::EXTRA`]), those mounted and writable here. No limit depends on them, so
+    /// a missing one is not in `missing`. Empty on v2, where both are core files.
+    pub extra: Vec<(Controller, PathBuf)>,
 }
 
 struct MountEntry {
@@ -164,6 +187,7 @@ impl Host {
                     parents: Vec::new(),
                     missing: Vec::new(),
                     v2_root: (m2.root == "/").then(|| PathBuf::from(&m2.mount_point)),
+                    extra: Vec::new(),
                 };
                 let Some(own) = own else {
                     for c in Controller::ALL {
@@ -204,8 +228,9 @@ impl Host {
             parents: Vec::new(),
             missing: Vec::new(),
             v2_root: None,
+            extra: Vec::new(),
         };
-        for c in Controller::ALL {
+        let own_dir = |c: Controller| -> Result<PathBuf, String> {
             let mount = v1_mounts
                 .iter()
                 .find(|m| m.super_opts.split(',').any(|o| o == c.name()));
@@ -216,15 +241,25 @@ impl Host {
                 (Some(m), Some((_, _, p))) => {
                     let dir = join_rel(&m.mount_point, p, &m.root);
                     if writable(&dir) {
-                        host.parents.push((c, dir));
+                        Ok(dir)
                     } else {
-                        host.missing
-                            .push((c, format!("{} is not writable by this user", dir.display())));
+                        Err(format!("{} is not writable by this user", dir.display()))
                     }
                 }
-                _ => host
-                    .missing
-                    .push((c, format!("the `{}` controller is not mounted", c.name()))),
+                _ => Err(format!("the `{}` controller is not mounted", c.name())),
+            }
+        };
+        for c in Controller::ALL {
+            match own_dir(c) {
+                Ok(dir) => host.parents.push((c, dir)),
+                Err(why) => host.missing.push((c, why)),
+            }
+        }
+        if !host.parents.is_empty() {
+            for c in Controller::EXTRA {
+                if let Ok(dir) = own_dir(c) {
+                    host.extra.push((c, dir));
+                }
             }
         }
         host
@@ -240,10 +275,52 @@ pub struct Limits {
 }
 
 /// One sandbox's cgroup (one directory per v1 hierarchy, or one v2 directory).
+///
+/// Dropping it removes the directories (see [`Cgroup::destroy`]); [`Cgroup::into_paths`]
+/// lets go of a cgroup that must outlive the handle (a persistent sandbox, reopened later with
+/// [`Cgroup::open`]).
 #[derive(Debug)]
 pub struct Cgroup {
     pub version: Version,
+    /// Each controller's directory; several controllers may share one (v2, or v1 hierarchies
+    /// mounted together such as `cpu,cpuacct`).
     dirs: Vec<(Controller, PathBuf)>,
+}
+
+/// What a sandbox's cgroup has used, read from the kernel's counters (a counter whose file is
+/// missing reads 0).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// CPU time of all its tasks, microseconds.
+    pub cpu_usec: u64,
+    /// Memory charged to it now, bytes (page cache included).
+    pub memory_bytes: u64,
+    /// Tasks (threads included) in it now.
+    pub pids: u64,
+}
+
+fn read_u64(path: &Path) -> u64 {
+    fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The value of `key` in a flat-keyed file (`key value` lines: `cpu.stat`, `cgroup.events`).
+fn read_key(path: &Path, key: &str) -> Option<u64> {
+    fs::read_to_string(path).ok()?.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+/// The pids listed in a `cgroup.procs` file.
+fn read_procs(dir: &Path) -> Vec<libc::pid_t> {
+    fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
@@ -271,9 +348,12 @@ impl Cgroup {
         };
         match host.version {
             Version::V1 => {
-                for (c, parent) in &host.parents {
+                for (c, parent) in host.parents.iter().chain(&host.extra) {
                     let dir = parent.join(name);
-                    fs::create_dir(&dir).map_err(io_err(&dir, "mkdir"))?;
+                    // Hierarchies mounted together (`cpu,cpuacct`) share the directory.
+                    if !cg.dirs.iter().any(|(_, d)| *d == dir) {
+                        fs::create_dir(&dir).map_err(io_err(&dir, "mkdir"))?;
+                    }
                     cg.dirs.push((*c, dir));
                 }
             }
@@ -286,6 +366,10 @@ impl Cgroup {
                 for (c, _) in &host.parents {
                     cg.dirs.push((*c, dir.clone()));
                 }
+                // Core in v2: `cpu.stat` and `cgroup.freeze` are in every non-root cgroup.
+                for c in Controller::EXTRA {
+                    cg.dirs.push((c, dir.clone()));
+                }
             }
         }
         if let Err(e) = cg.apply(limits) {
@@ -293,6 +377,35 @@ impl Cgroup {
             return Err(e);
         }
         Ok(cg)
+    }
+
+    /// The cgroup's directories, each once: the one v2 directory, or one per v1 hierarchy
+    /// (the freezer's and cpuacct's included, where mounted). Store them to [`Cgroup::open`]
+    /// the cgroup again later.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = Vec::new();
+        for (_, d) in &self.dirs {
+            if !v.contains(d) {
+                v.push(d.clone());
+            }
+        }
+        v
+    }
+
+    /// Lets go of the cgroup without removing it (the handle's drop would), returning its
+    /// [`Cgroup::paths`].
+    pub fn into_paths(mut self) -> Vec<PathBuf> {
+        let v = self.paths();
+        self.dirs.clear();
+        v
+    }
+
+    /// A handle to an existing sandbox cgroup from its stored [`Cgroup::paths`] (e.g. a
+    /// restarted daemon reattaching). Each path must be a directory under `/sys/fs/cgroup`
+    /// whose name starts with `moat` (what moat names its sandboxes' and tests' cgroups):
+    /// a stored path can never make moat freeze, or remove, another cgroup of the host.
+    pub fn open(paths: Vec<PathBuf>) -> Result<Cgroup, CgroupError> {
+        open_under(Path::new("/sys/fs/cgroup"), paths)
     }
 
     fn dir(&self, c: Controller) -> Option<&Path> {
@@ -345,26 +458,18 @@ impl Cgroup {
 
     /// Moves `pid` into the cgroup (every hierarchy).
     pub fn add(&self, pid: libc::pid_t) -> Result<(), CgroupError> {
-        let mut done: Vec<&Path> = Vec::new();
-        for (_, d) in &self.dirs {
-            if done.contains(&d.as_path()) {
-                continue;
-            }
+        for d in self.paths() {
             write(&d.join("cgroup.procs"), &pid.to_string())?;
-            done.push(d);
         }
         Ok(())
     }
 
     /// The `cgroup.procs` files a process must be written to, to join this cgroup.
     pub fn procs_files(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = self
-            .dirs
+        self.paths()
             .iter()
-            .map(|(_, d)| d.join("cgroup.procs"))
-            .collect();
-        v.dedup();
-        v
+            .map(|d| d.join("cgroup.procs"))
+            .collect()
     }
 
     /// cgroup v1: lets host uid `uid` move its own thread in, by writing `0` to the returned
@@ -380,7 +485,7 @@ impl Cgroup {
             return Ok(None);
         }
         let mut v = Vec::new();
-        for (_, d) in &self.dirs {
+        for d in self.paths() {
             let f = d.join("tasks");
             std::os::unix::fs::chown(&f, Some(uid), Some(gid)).map_err(io_err(&f, "chown"))?;
             v.push(f);
@@ -407,21 +512,269 @@ impl Cgroup {
             .unwrap_or(0)
     }
 
-    /// Removes the directories, waiting briefly for exiting tasks to leave.
-    pub fn destroy(&mut self) {
-        let mut dirs: Vec<PathBuf> = self.dirs.drain(..).map(|(_, d)| d).collect();
-        dirs.dedup();
-        for d in dirs {
-            for attempt in 0..200 {
-                match fs::remove_dir(&d) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-                    Err(_) if attempt < 199 => std::thread::sleep(Duration::from_millis(5)),
-                    Err(_) => {}
+    /// Pauses every task in the cgroup and waits (up to [`FREEZE_TIMEOUT`]) until the kernel
+    /// reports it frozen. On a timeout the cgroup is thawed again and an error returned.
+    pub fn freeze(&self) -> Result<(), CgroupError> {
+        self.set_frozen(true)
+    }
+
+    /// Resumes a frozen cgroup and waits (up to [`FREEZE_TIMEOUT`]) until it runs again.
+    pub fn thaw(&self) -> Result<(), CgroupError> {
+        self.set_frozen(false)
+    }
+
+    /// Whether the kernel reports the cgroup frozen (false without a freezer).
+    pub fn is_frozen(&self) -> bool {
+        let Some(d) = self.dir(Controller::Freezer) else {
+            return false;
+        };
+        match self.version {
+            Version::V1 => {
+                fs::read_to_string(d.join("freezer.state")).is_ok_and(|s| s.trim() == "FROZEN")
+            }
+            Version::V2 => read_key(&d.join("cgroup.events"), "frozen") == Some(1),
+        }
+    }
+
+    fn set_frozen(&self, on: bool) -> Result<(), CgroupError> {
+        let Some(d) = self.dir(Controller::Freezer) else {
+            return Err(CgroupError::Unavailable(
+                "this sandbox's cgroup has no freezer: on cgroup v1, mount the `freezer` \
+                 hierarchy (`mkdir -p /sys/fs/cgroup/freezer && mount -t cgroup -o freezer \
+                 freezer /sys/fs/cgroup/freezer`) and create the sandbox again"
+                    .into(),
+            ));
+        };
+        let (file, value, state): (PathBuf, &str, Box<dyn Fn() -> bool>) = match self.version {
+            Version::V1 => {
+                let f = d.join("freezer.state");
+                let want = if on { "FROZEN" } else { "THAWED" };
+                let f2 = f.clone();
+                let check = move || fs::read_to_string(&f2).is_ok_and(|s| s.trim() == want);
+                (f, want, Box::new(check))
+            }
+            Version::V2 => {
+                let events = d.join("cgroup.events");
+                let want = u64::from(on);
+                let check = move || read_key(&events, "frozen") == Some(want);
+                (
+                    d.join("cgroup.freeze"),
+                    if on { "1" } else { "0" },
+                    Box::new(check),
+                )
+            }
+        };
+        write(&file, value)?;
+        let start = Instant::now();
+        let mut last_write = start;
+        while !state() {
+            if start.elapsed() >= FREEZE_TIMEOUT {
+                if on {
+                    let _ = self.set_frozen(false);
+                }
+                return Err(CgroupError::Timeout {
+                    path: d.to_path_buf(),
+                    what: if on {
+                        format!(
+                            "its tasks did not all freeze within {} s (one may be stuck in \
+                             the kernel, e.g. on I/O); the sandbox was left running: retry \
+                             later",
+                            FREEZE_TIMEOUT.as_secs()
+                        )
+                    } else {
+                        format!(
+                            "its tasks did not thaw within {} s: retry the thaw, or destroy \
+                             the sandbox",
+                            FREEZE_TIMEOUT.as_secs()
+                        )
+                    },
+                });
+            }
+            // v1 moves on from FREEZING only when asked again after tasks that were busy in
+            // the kernel have stopped.
+            if self.version == Version::V1 && last_write.elapsed() >= Duration::from_millis(100) {
+                write(&file, value)?;
+                last_write = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
+    /// CPU, memory and task counts from the kernel's counters.
+    pub fn stats(&self) -> Stats {
+        let file = |c: Controller, name: &str| self.dir(c).map(|d| d.join(name));
+        match self.version {
+            Version::V1 => Stats {
+                cpu_usec: file(Controller::Cpuacct, "cpuacct.usage")
+                    .map_or(0, |f| read_u64(&f) / 1000),
+                memory_bytes: file(Controller::Memory, "memory.usage_in_bytes")
+                    .map_or(0, |f| read_u64(&f)),
+                pids: file(Controller::Pids, "pids.current").map_or(0, |f| read_u64(&f)),
+            },
+            Version::V2 => Stats {
+                cpu_usec: file(Controller::Cpuacct, "cpu.stat")
+                    .and_then(|f| read_key(&f, "usage_usec"))
+                    .unwrap_or(0),
+                memory_bytes: file(Controller::Memory, "memory.current")
+                    .map_or(0, |f| read_u64(&f)),
+                pids: file(Controller::Pids, "pids.current").map_or(0, |f| read_u64(&f)),
+            },
+        }
+    }
+
+    /// Sends SIGKILL to every process in the cgroup: v2 by `cgroup.kill` (5.14+), otherwise
+    /// to each pid listed, frozen first (when there is a freezer) so that no pid is reused
+    /// between the listing and the signal, then thawed (v1's frozen tasks die only once
+    /// thawed). Returns without waiting for them to exit; [`Cgroup::destroy`] waits.
+    pub fn kill_all(&self) -> Result<(), CgroupError> {
+        let paths = self.paths();
+        if let (Version::V2, Some(d)) = (self.version, paths.first()) {
+            let f = d.join("cgroup.kill");
+            if f.exists() {
+                return write(&f, "1");
+            }
+        }
+        let frozen = self.dir(Controller::Freezer).is_some() && self.freeze().is_ok();
+        for d in &paths {
+            for pid in read_procs(d) {
+                if pid > 0 {
+                    let _ = moat_sys::process::kill(pid, libc::SIGKILL);
                 }
             }
         }
+        if frozen || self.is_frozen() {
+            self.thaw()?;
+        }
+        Ok(())
     }
+
+    /// Removes the directories, retrying (up to [`REMOVE_TIMEOUT`]) while the kernel is still
+    /// releasing tasks that exit (a killed pid namespace's tasks exit asynchronously). Thaws
+    /// a frozen cgroup first (a killed task that is frozen never exits on v1). Does not kill:
+    /// call [`Cgroup::kill_all`] first for a cgroup that may hold live processes.
+    pub fn destroy(&mut self) {
+        let _ = self.remove();
+    }
+
+    /// [`Cgroup::destroy`], saying which directories could not be removed.
+    pub fn remove(&mut self) -> Result<(), CgroupError> {
+        if self.is_frozen() {
+            let _ = self.thaw();
+        }
+        let dirs = self.paths();
+        self.dirs.clear();
+        let start = Instant::now();
+        let mut failed = None;
+        for d in dirs {
+            loop {
+                match fs::remove_dir(&d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    Err(e) if start.elapsed() >= REMOVE_TIMEOUT => {
+                        let procs = read_procs(&d);
+                        let why = if procs.is_empty() {
+                            format!("{e}")
+                        } else {
+                            format!("{e}; it still holds processes {procs:?}: kill them and retry")
+                        };
+                        failed.get_or_insert(CgroupError::Io {
+                            path: d.clone(),
+                            op: "rmdir",
+                            source: io::Error::new(e.kind(), why),
+                        });
+                        break;
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+}
+
+/// [`Cgroup::open`] with the cgroupfs at `root` (tests lay out a fake one).
+fn open_under(root: &Path, paths: Vec<PathBuf>) -> Result<Cgroup, CgroupError> {
+    let not = |path: &Path, why: &str| CgroupError::NotSandbox {
+        path: path.to_path_buf(),
+        why: why.to_string(),
+    };
+    if paths.is_empty() {
+        return Err(CgroupError::Unavailable(
+            "no cgroup paths given: pass the paths Cgroup::paths returned".into(),
+        ));
+    }
+    let root = fs::canonicalize(root).map_err(io_err(root, "resolve"))?;
+    let mut dirs: Vec<(Controller, PathBuf)> = Vec::new();
+    let mut version = None;
+    for p in paths {
+        let canon = fs::canonicalize(&p).map_err(io_err(&p, "resolve"))?;
+        if !canon.starts_with(&root) || canon == root {
+            return Err(not(&p, &format!("not under {}", root.display())));
+        }
+        if !canon.is_dir() {
+            return Err(not(&p, "not a directory"));
+        }
+        let named = canon
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("moat"));
+        if !named {
+            return Err(not(&p, "its name does not start with `moat`"));
+        }
+        let v = if canon.join("cgroup.controllers").exists() {
+            Version::V2
+        } else {
+            Version::V1
+        };
+        if version.is_some_and(|x| x != v) || (v == Version::V2 && version.is_some()) {
+            return Err(not(
+                &p,
+                "a sandbox's cgroup is one v2 directory or v1 directories only",
+            ));
+        }
+        version = Some(v);
+        let found: Vec<Controller> = match v {
+            Version::V2 => {
+                let ctrls =
+                    fs::read_to_string(canon.join("cgroup.controllers")).unwrap_or_default();
+                Controller::ALL
+                    .into_iter()
+                    .filter(|c| ctrls.split_whitespace().any(|x| x == c.name()))
+                    .chain(Controller::EXTRA)
+                    .collect()
+            }
+            Version::V1 => [
+                (Controller::Memory, "memory.limit_in_bytes"),
+                (Controller::Pids, "pids.max"),
+                (Controller::Cpu, "cpu.cfs_quota_us"),
+                (Controller::Cpuacct, "cpuacct.usage"),
+                (Controller::Freezer, "freezer.state"),
+            ]
+            .into_iter()
+            .filter(|(_, f)| canon.join(f).exists())
+            .map(|(c, _)| c)
+            .collect(),
+        };
+        if found.is_empty() {
+            return Err(not(
+                &p,
+                "none of the memory, pids, cpu, cpuacct or freezer hierarchies",
+            ));
+        }
+        for c in found {
+            if dirs.iter().any(|(x, _)| *x == c) {
+                return Err(not(
+                    &p,
+                    &format!("a second path in the {} hierarchy", c.name()),
+                ));
+            }
+            dirs.push((c, canon.clone()));
+        }
+    }
+    Ok(Cgroup {
+        version: version.unwrap_or(Version::V1),
+        dirs,
+    })
 }
 
 impl Drop for Cgroup {
@@ -531,7 +884,7 @@ fn enable_v2_controllers(dir: &Path, names: &[&str]) -> Result<(), CgroupError> 
 /// `is_stale(name)` decides from the directory name whether its owner is gone.
 pub fn sweep_stale(host: &Host, is_stale: impl Fn(&str) -> bool) {
     let mut seen: Vec<&Path> = Vec::new();
-    for (_, parent) in &host.parents {
+    for (_, parent) in host.parents.iter().chain(&host.extra) {
         if seen.contains(&parent.as_path()) {
             continue;
         }
@@ -582,6 +935,7 @@ mod tests {
             parents: Controller::ALL.iter().map(|c| (*c, root.clone())).collect(),
             missing: Vec::new(),
             v2_root: Some(root.clone()),
+            extra: Vec::new(),
         };
         let mut cg = Cgroup::create(
             &host,
@@ -610,6 +964,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cg.oom_kills(), 2);
+        assert_eq!(cg.dir(Controller::Freezer), Some(dir.as_path()));
         cg.dirs.clear();
         let _ = fs::remove_dir_all(&root);
     }
@@ -641,6 +996,277 @@ mod tests {
             "+memory"
         );
         let _ = fs::remove_dir_all(&root);
+    }
+
+    /// A v2 sandbox cgroup laid out under a fake cgroupfs root (plain files stand in for the
+    /// kernel's).
+    fn fake_v2(tag: &str) -> (PathBuf, PathBuf) {
+        let root = std::env::temp_dir().join(format!("moat-cgfake-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let dir = root.join("moat.slice/moat-sbx");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        fs::write(dir.join("cgroup.procs"), "").unwrap();
+        (root, dir)
+    }
+
+    #[test]
+    fn v2_open_freeze_stats_on_a_fake_tree() {
+        let (root, dir) = fake_v2("open");
+        let cg = open_under(&root, vec![dir.clone()]).unwrap();
+        assert_eq!(cg.version, Version::V2);
+        assert_eq!(cg.paths(), vec![fs::canonicalize(&dir).unwrap()]);
+        for c in [Controller::Memory, Controller::Pids, Controller::Cpu] {
+            assert!(cg.dir(c).is_some(), "{c:?}");
+        }
+        // Freezing writes cgroup.freeze and waits for cgroup.events to say "frozen 1".
+        fs::write(dir.join("cgroup.events"), "populated 1\nfrozen 1\n").unwrap();
+        cg.freeze().unwrap();
+        assert_eq!(fs::read_to_string(dir.join("cgroup.freeze")).unwrap(), "1");
+        assert!(cg.is_frozen());
+        fs::write(dir.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        cg.thaw().unwrap();
+        assert_eq!(fs::read_to_string(dir.join("cgroup.freeze")).unwrap(), "0");
+        assert!(!cg.is_frozen());
+        // Missing counters read 0.
+        assert_eq!(cg.stats(), Stats::default());
+        fs::write(
+            dir.join("cpu.stat"),
+            "usage_usec 1234\nuser_usec 1000\nsystem_usec 234\n",
+        )
+        .unwrap();
+        fs::write(dir.join("memory.current"), "4096\n").unwrap();
+        fs::write(dir.join("pids.current"), "3\n").unwrap();
+        assert_eq!(
+            cg.stats(),
+            Stats {
+                cpu_usec: 1234,
+                memory_bytes: 4096,
+                pids: 3
+            }
+        );
+        // v2 kills through cgroup.kill.
+        fs::write(dir.join("cgroup.kill"), "").unwrap();
+        cg.kill_all().unwrap();
+        assert_eq!(fs::read_to_string(dir.join("cgroup.kill")).unwrap(), "1");
+        let _ = cg.into_paths();
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn v2_open_without_controllers_still_freezes_and_removes() {
+        let (root, dir) = fake_v2("bare");
+        fs::write(dir.join("cgroup.controllers"), "").unwrap();
+        let cg = open_under(&root, vec![dir.clone()]).unwrap();
+        assert!(cg.dir(Controller::Memory).is_none());
+        assert!(cg.dir(Controller::Freezer).is_some());
+        assert_eq!(cg.paths().len(), 1);
+        let _ = cg.into_paths();
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn v1_open_sorts_dirs_by_hierarchy() {
+        let root = std::env::temp_dir().join(format!("moat-cgfake-v1-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let mk = |h: &str, files: &[&str]| {
+            let d = root.join(h).join("moat-x");
+            fs::create_dir_all(&d).unwrap();
+            for f in files {
+                fs::write(d.join(f), "0\n").unwrap();
+            }
+            d
+        };
+        let mem = mk(
+            "memory",
+            &["memory.limit_in_bytes", "memory.usage_in_bytes"],
+        );
+        let cpu = mk("cpu,cpuacct", &["cpu.cfs_quota_us", "cpuacct.usage"]);
+        let frz = mk("freezer", &["freezer.state"]);
+        fs::write(cpu.join("cpuacct.usage"), "5000000\n").unwrap();
+        fs::write(mem.join("memory.usage_in_bytes"), "8192\n").unwrap();
+        let cg = open_under(&root, vec![mem.clone(), cpu.clone(), frz.clone()]).unwrap();
+        assert_eq!(cg.version, Version::V1);
+        assert_eq!(cg.dir(Controller::Cpuacct), cg.dir(Controller::Cpu));
+        assert_eq!(cg.dir(Controller::Freezer), Some(frz.as_path()));
+        assert!(cg.dir(Controller::Pids).is_none());
+        assert_eq!(cg.paths(), vec![mem.clone(), cpu.clone(), frz.clone()]);
+        assert_eq!(
+            cg.stats(),
+            Stats {
+                cpu_usec: 5000,
+                memory_bytes: 8192,
+                pids: 0
+            }
+        );
+        fs::write(frz.join("freezer.state"), "FROZEN\n").unwrap();
+        assert!(cg.is_frozen());
+        // Two dirs of one hierarchy, a dir with no known hierarchy, and v1 mixed with v2
+        // are refused.
+        let other = mk("memory2", &["memory.limit_in_bytes"]);
+        assert!(matches!(
+            open_under(&root, vec![mem.clone(), other]),
+            Err(CgroupError::NotSandbox { .. })
+        ));
+        let blank = mk("blank", &[]);
+        assert!(open_under(&root, vec![blank]).is_err());
+        let v2 = mk("unified", &["cgroup.controllers"]);
+        assert!(open_under(&root, vec![mem.clone(), v2]).is_err());
+        let _ = cg.into_paths();
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn open_refuses_paths_that_are_not_sandbox_cgroups() {
+        let (root, dir) = fake_v2("refuse");
+        // Outside the root, the root itself, a name that is not moat's, a file, no paths.
+        let outside = std::env::temp_dir();
+        assert!(open_under(&root, vec![outside]).is_err());
+        assert!(open_under(&root, vec![root.clone()]).is_err());
+        let dotted = open_under(&root, vec![root.join("moat.slice/../moat.slice/moat-sbx")]);
+        assert_eq!(
+            dotted.unwrap().into_paths(),
+            vec![fs::canonicalize(&dir).unwrap()]
+        );
+        let other = root.join("system.slice");
+        fs::create_dir_all(&other).unwrap();
+        fs::write(other.join("cgroup.controllers"), "").unwrap();
+        assert!(matches!(
+            open_under(&root, vec![other]),
+            Err(CgroupError::NotSandbox { .. })
+        ));
+        assert!(open_under(&root, vec![dir.join("cgroup.procs")]).is_err());
+        assert!(open_under(&root, vec![]).is_err());
+        assert!(open_under(&root, vec![root.join("moat-missing")]).is_err());
+        // The real entry point checks against /sys/fs/cgroup.
+        assert!(Cgroup::open(vec![dir.clone()]).is_err());
+        assert!(Cgroup::open(vec![PathBuf::from("/sys/fs/cgroup/memory")]).is_err());
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    /// The kernel's cgroupfs, as root: a sandbox cgroup with a busy child freezes (its CPU
+    /// time stops), thaws (it runs again), counts its tasks, and is removed through a handle
+    /// reopened from its stored paths.
+    #[test]
+    fn real_freeze_thaw_stats_reopen_destroy() {
+        let host = Host::detect();
+        if moat_sys::process::effective_uid() != 0 || !host.missing.is_empty() {
+            eprintln!(
+                "skipped: needs root and every cgroup controller ({:?})",
+                host.missing
+            );
+            return;
+        }
+        if host.version == Version::V1 {
+            let has = |c| host.extra.iter().any(|(x, _)| *x == c);
+            assert!(has(Controller::Freezer), "freezer not detected: {host:?}");
+            assert!(has(Controller::Cpuacct), "cpuacct not detected: {host:?}");
+        }
+        let name = format!("moat-cgtest-{}", std::process::id());
+        let cg = Cgroup::create(
+            &host,
+            &name,
+            Limits {
+                memory: 64 << 20,
+                pids: 16,
+                cpus: 0.2,
+            },
+        )
+        .unwrap();
+        let paths = cg.paths();
+        if host.version == Version::V1 {
+            assert_eq!(paths.len(), 5, "{paths:?}");
+            let tasks = cg.delegate_self_join(0, 0).unwrap().unwrap();
+            assert!(tasks
+                .iter()
+                .any(|t| t.starts_with("/sys/fs/cgroup/freezer")));
+            assert_eq!(cg.procs_files().len(), 5);
+        }
+        /// Kills the busy child even when an assertion fails.
+        struct Child(std::process::Child);
+        impl Drop for Child {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let mut child = Child(
+            std::process::Command::new("/bin/sh")
+                .args(["-c", "while :; do :; done"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let pid = child.0.id() as libc::pid_t;
+        cg.add(pid).unwrap();
+        for p in &paths {
+            assert!(read_procs(p).contains(&pid), "{p:?}");
+        }
+        let cpu_time = || {
+            // utime + stime, fields 14 and 15 of /proc/PID/stat (after the `(comm)`).
+            let s = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            let rest = &s[s.rfind(')').unwrap() + 2..];
+            let f: Vec<u64> = rest
+                .split(' ')
+                .skip(11)
+                .take(2)
+                .map(|x| x.parse().unwrap())
+                .collect();
+            f[0] + f[1]
+        };
+        let state = || {
+            fs::read_to_string(format!("/proc/{pid}/status"))
+                .unwrap()
+                .lines()
+                .find_map(|l| l.strip_prefix("State:").map(|s| s.trim().to_string()))
+                .unwrap()
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let st = cg.stats();
+        assert!(st.pids >= 1, "{st:?}");
+        assert!(st.cpu_usec > 0, "{st:?}");
+        // (memory_bytes may be 0: v1 leaves a moved task's pages charged where they were.)
+
+        cg.freeze().unwrap();
+        assert!(cg.is_frozen());
+        let frozen_state = state();
+        assert!(
+            !frozen_state.starts_with('R'),
+            "frozen child: {frozen_state}"
+        );
+        let (t0, c0) = (cpu_time(), cg.stats().cpu_usec);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(cpu_time(), t0, "a frozen child ran");
+        assert_eq!(cg.stats().cpu_usec, c0, "a frozen cgroup used CPU");
+
+        cg.thaw().unwrap();
+        assert!(!cg.is_frozen());
+        let t1 = cpu_time();
+        let mut ran = false;
+        for _ in 0..100 {
+            std::thread::sleep(Duration::from_millis(20));
+            if cpu_time() > t1 {
+                ran = true;
+                break;
+            }
+        }
+        assert!(ran, "the thawed child did not run ({})", state());
+
+        // A daemon restarted: reattach from the stored paths, freeze again, kill, remove.
+        let stored = cg.into_paths();
+        assert_eq!(stored, paths);
+        let mut again = Cgroup::open(stored.clone()).unwrap();
+        assert_eq!(again.version, host.version);
+        assert_eq!(again.paths(), paths);
+        again.freeze().unwrap();
+        again.kill_all().unwrap();
+        child.0.wait().unwrap();
+        again.remove().unwrap();
+        for p in &paths {
+            assert!(!p.exists(), "{p:?} left behind");
+        }
+        assert!(again.paths().is_empty());
     }
 
     #[test]
