@@ -59,6 +59,8 @@ const MAX_VISITED: usize = 200_000;
 pub(crate) fn serve(listener: OwnedFd, sigfd: OwnedFd, env: ExecEnv<'_>) -> ! {
     // Writing to a pipe or socket whose reader is gone must be an error, not our death.
     let _ = sys::ignore_signal(libc::SIGPIPE);
+    // Connections and process pipes are fds; the children get the policy's limit anyway.
+    let _ = sys::raise_nofile();
     let listener = UnixListener::from(listener);
     let _ = listener.set_nonblocking(true);
     let devnull = OpenOptions::new()
@@ -78,6 +80,7 @@ pub(crate) fn serve(listener: OwnedFd, sigfd: OwnedFd, env: ExecEnv<'_>) -> ! {
         buf: vec![0u8; CHUNK],
         tmp_seq: 0,
         busy: false,
+        accept_paused_until: None,
     };
     loop {
         agent.turn();
@@ -111,7 +114,7 @@ impl Ring {
         if *pos < self.dropped {
             *pos = self.dropped;
         }
-        let start = (*pos - self.dropped) as usize;
+        let start = ((*pos - self.dropped) as usize).min(self.buf.len());
         let n = (self.buf.len().saturating_sub(start)).min(max);
         let out: Vec<u8> = self.buf.range(start..start + n).copied().collect();
         *pos += n as u64;
@@ -233,6 +236,9 @@ struct Agent<'a> {
     tmp_seq: u64,
     /// Work is left that needs no event (a file to read on, output to send).
     busy: bool,
+    /// After an accept error (out of fds, memory), the listener rests a little instead of
+    /// waking the loop at once again.
+    accept_paused_until: Option<Instant>,
 }
 
 fn now_ms() -> u64 {
@@ -250,7 +256,16 @@ impl Agent<'_> {
     fn turn(&mut self) {
         let mut fds: Vec<(RawFd, i16)> = Vec::new();
         let mut tokens: Vec<Token> = Vec::new();
-        fds.push((self.listener.as_raw_fd(), libc::POLLIN));
+        let now = Instant::now();
+        let accepting = self.accept_paused_until.is_none_or(|t| now >= t);
+        fds.push((
+            if accepting {
+                self.listener.as_raw_fd()
+            } else {
+                -1
+            },
+            libc::POLLIN,
+        ));
         tokens.push(Token::Listener);
         fds.push((self.sigfd.as_raw_fd(), libc::POLLIN));
         tokens.push(Token::Signal);
@@ -284,11 +299,15 @@ impl Agent<'_> {
                 tokens.push(Token::In(pid));
             }
         }
-        let timeout = if self.busy {
+        let mut timeout = if self.busy {
             0
         } else {
             self.next_deadline_ms()
         };
+        if let Some(t) = self.accept_paused_until {
+            let left = t.saturating_duration_since(now).as_millis() as i32 + 1;
+            timeout = if timeout < 0 { left } else { timeout.min(left) };
+        }
         let rev = match sys::poll(&fds, timeout) {
             Ok(r) => r,
             Err(_) => {
@@ -365,8 +384,16 @@ impl Agent<'_> {
                     );
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // WouldBlock, or a transient error (EMFILE, a peer gone before accept).
-                Err(_) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.accept_paused_until = None;
+                    return;
+                }
+                // EMFILE, ENOMEM, a peer gone before accept: try again a little later.
+                Err(_) => {
+                    self.accept_paused_until =
+                        Some(Instant::now() + std::time::Duration::from_millis(100));
+                    return;
+                }
             }
         }
     }

@@ -751,6 +751,78 @@ fn background_processes_and_connections() {
     });
 }
 
+#[test]
+fn a_flooding_host_connection_is_bounded_and_others_stay_served() {
+    fenced(120, || {
+        let sb = Sandbox::start();
+        let mut a = sb.connect();
+        // A process that never reads its stdin, and a host that keeps sending it.
+        let s = a.request(&with(exec(&["sleep", "1000"]), set_stdin));
+        let Response::Started { pid } = a.first_response(s) else {
+            panic!()
+        };
+        let mut writer = a.sock.try_clone().unwrap();
+        let enc = Encoder::new();
+        let flood = std::thread::spawn(move || {
+            let chunk = vec![b'x'; 1 << 20];
+            let mut sent = 0usize;
+            for _ in 0..64 {
+                let mut out = Vec::new();
+                enc.data(&mut out, s, Channel::Stdin, &chunk).unwrap();
+                if writer.write_all(&out).is_err() {
+                    break;
+                }
+                sent += chunk.len();
+            }
+            sent
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        // The agent stopped reading that connection (its queue is bounded), and still serves
+        // another one.
+        let mut b = sb.connect();
+        assert_eq!(b.run(&["echo", "ok"]).out(), "ok\n");
+        match b.call(&Request::Metrics {}).last {
+            Some(Response::Metrics { memory_bytes, .. }) => {
+                assert!(
+                    memory_bytes < 200 << 20,
+                    "agent queued the flood: {memory_bytes}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // Closing the flooding connection kills its process and unblocks the writer.
+        a.sock.shutdown(std::net::Shutdown::Both).unwrap();
+        drop(a);
+        let sent = flood.join().unwrap();
+        assert!(sent < 64 << 20, "the whole flood was taken: {sent}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while b
+            .sh("cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '")
+            .out()
+            .contains("sleep 1000")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the flooding connection's process lives on"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let o = b.call(&Request::SignalPid { pid, signal: 9 });
+        assert_eq!(o.error(), ErrorCode::NotFound);
+        // A background process with a timeout is killed at its deadline too.
+        let o = b.call(&with(background(&["sleep", "100"], false), |r| {
+            if let Request::Exec { timeout_ms, .. } = r {
+                *timeout_ms = Some(200);
+            }
+        }));
+        let Some(Response::Started { pid }) = o.last else {
+            panic!("{o:?}")
+        };
+        let o = b.call(&Request::ProcOutput { pid, follow: true });
+        assert_eq!(o.exit(), (None, Some(9), Status::Timeout));
+    });
+}
+
 fn random_bytes(n: usize) -> Vec<u8> {
     let mut f = std::fs::File::open("/dev/urandom").unwrap();
     let mut v = vec![0u8; n];

@@ -594,7 +594,8 @@ pub fn reap_pidfd(pidfd: RawFd) -> io::Result<bool> {
     Ok(unsafe { info.si_pid() } != 0)
 }
 
-/// `getpgid(2)`-free process-group signal: `kill(-pgid, sig)`.
+/// Signals a whole process group: `kill(-pgid, sig)`. Refuses 0 and 1 (which would mean
+/// "our own group" and "every process").
 pub fn kill_group(pgid: libc::pid_t, sig: libc::c_int) -> io::Result<()> {
     if pgid <= 1 {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
@@ -675,4 +676,19 @@ pub fn set_window_size(fd: RawFd, rows: u16, cols: u16) -> io::Result<()> {
 pub fn set_controlling_tty(fd: RawFd) -> io::Result<()> {
     // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal).
     cvt(unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0 as libc::c_ulong) }).map(drop)
+}
+
+/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit (no privilege needed) and
+/// returns the new soft limit.
+pub fn raise_nofile() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a live rlimit the call fills.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: `lim` is a valid rlimit that lives across the call.
+    cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
+    Ok(lim.rlim_cur)
 }
