@@ -2,108 +2,52 @@
 //! fresh state directory. No daemon is faked: when `moat serve` cannot start, these tests
 //! fail.
 
+use super::daemon::Daemon;
 use super::harness::{have, moat_bin, require, scratch_dir, Run};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A `moat serve` of this test's own, stopped (and its sandboxes deleted) on drop.
-struct Daemon {
-    child: Option<Child>,
+/// A `moat serve` of this test's own (the shared harness: fresh port and state directory, in a
+/// fence, its sandboxes deleted and swept on drop) and a scratch directory for local files.
+struct Serve {
+    d: Daemon,
     dir: PathBuf,
-    url: String,
-    key: String,
 }
 
-impl Daemon {
-    fn start() -> Daemon {
-        let dir = scratch_dir("cli-serve");
-        let state = dir.join("state");
-        let log = std::fs::File::create(dir.join("serve.log")).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let url = format!("http://127.0.0.1:{port}");
-        let child = Command::new(moat_bin())
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--state-dir",
-            ])
-            .arg(&state)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn moat serve");
-        let mut d = Daemon {
-            child: Some(child),
-            dir,
-            url,
-            key: String::new(),
-        };
-        let start = Instant::now();
-        let agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(2)))
-            .build()
-            .new_agent();
-        loop {
-            if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("moat serve exited ({st}) before it answered:\n{}", d.log());
-            }
-            let up = agent
-                .get(format!("{}/v1/health", d.url))
-                .call()
-                .is_ok_and(|r| r.status() == 200);
-            if up {
-                break;
-            }
-            if start.elapsed() > Duration::from_secs(30) {
-                panic!(
-                    "moat serve did not answer /v1/health within 30 s:\n{}",
-                    d.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let key_file = state.join("admin.key");
-        d.key = std::fs::read_to_string(&key_file)
-            .unwrap_or_else(|e| panic!("reading {}: {e}\n{}", key_file.display(), d.log()))
-            .trim()
-            .to_string();
-        assert!(
-            d.log().contains("admin.key"),
-            "serve should print where the admin key is:\n{}",
-            d.log()
-        );
-        d
+impl std::ops::Deref for Serve {
+    type Target = Daemon;
+    fn deref(&self) -> &Daemon {
+        &self.d
     }
+}
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
+impl Serve {
+    fn start() -> Serve {
+        Serve {
+            d: Daemon::start(),
+            dir: scratch_dir("cli"),
+        }
     }
 
     fn state_dir(&self) -> String {
-        self.dir.join("state").display().to_string()
+        self.d.state.display().to_string()
     }
 
     /// `moat ARGS` with this daemon's URL and admin key.
     fn moat(&self, args: &[&str]) -> Run {
-        self.moat_as(&self.key, args, None)
+        self.moat_as(&self.d.key, args, None)
     }
 
     fn moat_in(&self, args: &[&str], stdin: &[u8]) -> Run {
-        self.moat_as(&self.key, args, Some(stdin))
+        self.moat_as(&self.d.key, args, Some(stdin))
     }
 
     fn moat_as(&self, key: &str, args: &[&str], stdin: Option<&[u8]>) -> Run {
         cli(
-            &[("MOAT_URL", &self.url), ("MOAT_API_KEY", key)],
+            &[("MOAT_URL", &self.d.url), ("MOAT_API_KEY", key)],
             args,
             stdin,
         )
@@ -115,10 +59,9 @@ impl Daemon {
         assert_eq!(
             r.code,
             0,
-            "moat {args:?} failed: stdout {} stderr {}\nserve log:\n{}",
+            "moat {args:?} failed: stdout {} stderr {}",
             r.stdout_str(),
-            r.stderr,
-            self.log()
+            r.stderr
         );
         r.stdout_str()
     }
@@ -132,32 +75,8 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
+impl Drop for Serve {
     fn drop(&mut self) {
-        // Sandboxes outlive the daemon: delete them first.
-        let r = self.moat(&["ls", "--json"]);
-        if let Ok(v) = serde_json::from_slice::<Value>(&r.stdout) {
-            for s in v["sandboxes"].as_array().cloned().unwrap_or_default() {
-                if let Some(id) = s["id"].as_str() {
-                    let _ = self.moat(&["rm", id]);
-                }
-            }
-        }
-        if let Some(mut child) = self.child.take() {
-            let pid = child.id() as libc::pid_t;
-            let _ = Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(10) {
-                if child.try_wait().ok().flatten().is_some() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -309,7 +228,7 @@ fn cli_without_a_daemon_says_how_to_start_one() {
 
 #[test]
 fn cli_create_ls_pause_resume_rm() {
-    let d = Daemon::start();
+    let d = Serve::start();
     let policy = d.dir.join("policy.toml");
     std::fs::write(&policy, "[limits]\npids = 64\n").unwrap();
     let a = d.create(&[
@@ -399,7 +318,7 @@ fn cli_create_ls_pause_resume_rm() {
 
 #[test]
 fn cli_create_refuses_a_bad_policy_before_calling() {
-    let d = Daemon::start();
+    let d = Serve::start();
     let policy = d.dir.join("bad.toml");
     std::fs::write(&policy, "[limits]\nmemroy = \"1G\"\n").unwrap();
     let r = d.moat(&["create", "--policy", policy.to_str().unwrap()]);
@@ -411,7 +330,7 @@ fn cli_create_refuses_a_bad_policy_before_calling() {
 
 #[test]
 fn cli_exec_exit_codes_output_and_stdin() {
-    let d = Daemon::start();
+    let d = Serve::start();
     let id = d.create(&[]);
     let sh = |script: &str| d.moat(&["exec", &id, "--", "/bin/sh", "-c", script]);
 
@@ -504,7 +423,7 @@ fn cli_exec_exit_codes_output_and_stdin() {
 
 #[test]
 fn cli_cp_streams_20_mib_both_ways() {
-    let d = Daemon::start();
+    let d = Serve::start();
     let id = d.create(&[]);
     let data = random_bytes(20 << 20, 0x5eed);
     let src = d.dir.join("big.bin");
@@ -573,7 +492,7 @@ fn cli_cp_streams_20_mib_both_ways() {
 
 #[test]
 fn cli_logs_show_the_exec_and_follow() {
-    let d = Daemon::start();
+    let d = Serve::start();
     let id = d.create(&[]);
     d.ok(&["exec", &id, "--", "echo", "logmarker1"]);
     let t = d.ok(&["logs", &id]);
@@ -640,7 +559,7 @@ fn cli_logs_show_the_exec_and_follow() {
 
 #[test]
 fn cli_keys_and_tokens() {
-    let d = Daemon::start();
+    let d = Serve::start();
     let sd = d.state_dir();
     let id = d.create(&[]);
     d.ok(&["cp", "-", &format!("{id}:/work/t.txt")]);
@@ -726,7 +645,7 @@ fn cli_keys_and_tokens() {
 
 #[test]
 fn cli_shell_without_a_terminal() {
-    let d = Daemon::start();
+    let d = Serve::start();
     let id = d.create(&[]);
     let r = d.moat_in(
         &[
@@ -756,7 +675,7 @@ fn cli_shell_on_a_terminal() {
     ) {
         return;
     }
-    let d = Daemon::start();
+    let d = Serve::start();
     let id = d.create(&[]);
     // script(1) runs moat shell on a fresh pty of 30x100; the remote side must be a terminal
     // of that size, the exit code comes back, and the local terminal's settings are as before.
@@ -829,7 +748,7 @@ fn cli_shell_resizes_and_forwards_control_keys() {
     if !require(have("python3"), "python3, to drive moat shell on a pty") {
         return;
     }
-    let d = Daemon::start();
+    let d = Serve::start();
     let id = d.create(&[]);
     let driver = d.dir.join("pty_driver.py");
     std::fs::write(&driver, PTY_DRIVER).unwrap();
