@@ -274,6 +274,8 @@ pub enum Error {
         code: String,
         message: String,
     },
+    /// An error event in the middle of a stream (exec, shell).
+    Stream { code: String, message: String },
     /// Anything else, already worded for the user.
     Msg(String),
 }
@@ -292,6 +294,7 @@ impl std::fmt::Display for Error {
                 code,
                 message,
             } => write!(f, "{message} ({code}, HTTP {status})"),
+            Error::Stream { code, message } => write!(f, "{message} ({code})"),
             Error::Msg(m) => f.write_str(m),
         }
     }

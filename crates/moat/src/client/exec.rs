@@ -184,8 +184,7 @@ pub fn follow_stream(
                 return Ok(r.cli_exit_code());
             }
             Some("error") => {
-                return Err(Error::Api {
-                    status: 200,
+                return Err(Error::Stream {
                     code: ev["code"].as_str().unwrap_or("error").to_string(),
                     message: ev["message"].as_str().unwrap_or("").to_string(),
                 });
@@ -504,8 +503,7 @@ fn shell_inner(a: &ShellArgs, is_tty: bool) -> Result<i32> {
                         exit_at = Some(Instant::now());
                     }
                     Some("error") => {
-                        return Err(Error::Api {
-                            status: 200,
+                        return Err(Error::Stream {
                             code: v["code"].as_str().unwrap_or("error").to_string(),
                             message: v["message"].as_str().unwrap_or("").to_string(),
                         })
@@ -642,7 +640,7 @@ mod tests {
         assert!(e.to_string().contains("ended before"), "{e}");
         let s = "{\"type\":\"error\",\"code\":\"internal\",\"message\":\"agent died\"}\n";
         let e = follow_stream(s.as_bytes(), &mut Vec::new(), &mut Vec::new()).unwrap_err();
-        assert!(e.to_string().contains("agent died (internal"), "{e}");
+        assert_eq!(e.to_string(), "agent died (internal)");
         let e = follow_stream("nope\n".as_bytes(), &mut Vec::new(), &mut Vec::new()).unwrap_err();
         assert!(e.to_string().contains("not JSON"), "{e}");
     }

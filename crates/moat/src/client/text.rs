@@ -203,7 +203,7 @@ pub fn summary(v: &Value, max: usize) -> String {
         Value::Null => String::new(),
         Value::Object(map) => {
             let mut s = String::new();
-            for (k, v) in map {
+            for (k, v) in map.iter().filter(|(_, v)| !v.is_null()) {
                 if !s.is_empty() {
                     s.push(' ');
                 }
@@ -347,7 +347,7 @@ mod tests {
 
     #[test]
     fn summaries_are_one_short_line() {
-        let v = json!({"cmd": ["ls", "-l"], "exit_code": 0, "path": "/work/a b"});
+        let v = json!({"cmd": ["ls", "-l"], "cwd": null, "exit_code": 0, "path": "/work/a b"});
         assert_eq!(
             summary(&v, 200),
             "cmd=[\"ls\",\"-l\"] exit_code=0 path=\"/work/a b\""
