@@ -784,3 +784,135 @@ fn cli_shell_resizes_and_forwards_control_keys() {
     assert!(secs < 10.0, "{text}");
     assert!(text.contains("EXIT 3"), "{text}\n{err}");
 }
+
+/// A `moat serve` with flags of the test's choosing (the shared harness starts the defaults);
+/// killed on drop after its sandboxes are deleted.
+struct OwnServe {
+    child: std::process::Child,
+    url: String,
+    key: String,
+    dir: PathBuf,
+}
+
+impl OwnServe {
+    fn start(flags: &[&str]) -> OwnServe {
+        let dir = scratch_dir("cli-own-serve");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(moat_bin())
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--state-dir",
+            ])
+            .arg(dir.join("state"))
+            .args(flags)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut s = OwnServe {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            key: String::new(),
+            dir,
+        };
+        let start = Instant::now();
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(2)))
+            .build()
+            .into();
+        while !agent
+            .get(format!("{}/v1/health", s.url))
+            .call()
+            .is_ok_and(|r| r.status() == 200)
+        {
+            assert!(
+                s.child.try_wait().unwrap().is_none(),
+                "moat serve {flags:?} exited at start"
+            );
+            assert!(start.elapsed() < Duration::from_secs(20), "no /v1/health");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s.key = std::fs::read_to_string(s.dir.join("state/admin.key"))
+            .unwrap()
+            .trim()
+            .to_string();
+        s
+    }
+
+    fn moat(&self, args: &[&str]) -> Run {
+        cli(
+            &[("MOAT_URL", &self.url), ("MOAT_API_KEY", &self.key)],
+            args,
+            None,
+        )
+    }
+}
+
+impl Drop for OwnServe {
+    fn drop(&mut self) {
+        if let Ok(v) = serde_json::from_slice::<Value>(&self.moat(&["ls", "--json"]).stdout) {
+            for s in v["sandboxes"].as_array().cloned().unwrap_or_default() {
+                if let Some(id) = s["id"].as_str() {
+                    let _ = self.moat(&["rm", id]);
+                }
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn cli_serve_flags_reach_the_daemon() {
+    let s = OwnServe::start(&["--default-ttl", "60", "--max-ttl", "120"]);
+    let r = s.moat(&["create", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v = json_of(&r);
+    let id = v["id"].as_str().unwrap().to_string();
+    let life = v["expires_at"].as_u64().unwrap() - v["created_at"].as_u64().unwrap();
+    assert!((59_000..=61_000).contains(&life), "--default-ttl 60: {v}");
+    // A longer lifetime is capped by --max-ttl.
+    let r = s.moat(&["timeout", &id, "1h", "--json"]);
+    let v = json_of(&r);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let left = v["expires_at"].as_u64().unwrap().saturating_sub(now);
+    assert!(left <= 121_000, "--max-ttl 120: {v}");
+    assert!(left >= 100_000, "{v}");
+}
+
+#[test]
+fn cli_serve_on_a_taken_port_fails_clearly() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = scratch_dir("cli-serve-taken");
+    let r = cli(
+        &[],
+        &[
+            "serve",
+            "--listen",
+            &addr,
+            "--state-dir",
+            dir.join("state").to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains(&addr), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("moat serve: cannot listen"),
+        "{}",
+        r.stderr
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
