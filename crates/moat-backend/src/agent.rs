@@ -355,7 +355,7 @@ impl Agent<'_> {
             .map(|d| {
                 d.saturating_duration_since(now)
                     .as_millis()
-                    .min(i32::MAX as u128) as i32
+                    .min(i32::MAX as u128 - 1) as i32
                     + 1
             })
             .min()
@@ -655,9 +655,10 @@ impl Agent<'_> {
             out,
             eof_sent: [false, spec.pty.is_some()],
             rings: [Ring::default(), Ring::default()],
+            // A deadline past what an Instant can hold is no deadline.
             deadline: spec
                 .timeout_ms
-                .map(|ms| Instant::now() + std::time::Duration::from_millis(ms)),
+                .and_then(|ms| Instant::now().checked_add(std::time::Duration::from_millis(ms))),
             timed_out: false,
             cancelled: false,
             exit: None,
@@ -1495,7 +1496,10 @@ fn entry(path: String, m: &fs::Metadata) -> Entry {
         kind: kind(m.file_type()),
         size: m.len(),
         mode: m.mode() & 0o7777,
-        mtime_ms: m.mtime().saturating_mul(1000) + m.mtime_nsec() / 1_000_000,
+        mtime_ms: m
+            .mtime()
+            .saturating_mul(1000)
+            .saturating_add(m.mtime_nsec() / 1_000_000),
     }
 }
 
@@ -1608,9 +1612,11 @@ fn metrics() -> Response {
             .collect();
         // f[0] is field 4; utime is field 14.
         let field = |n: usize| f.get(n - 4).copied().unwrap_or(0);
-        cpu_ticks += field(14) + field(15) + field(16) + field(17);
-        tasks += field(20).max(1);
-        rss_pages += field(24);
+        for n in [14, 15, 16, 17] {
+            cpu_ticks = cpu_ticks.saturating_add(field(n));
+        }
+        tasks = tasks.saturating_add(field(20).max(1));
+        rss_pages = rss_pages.saturating_add(field(24));
     }
     Response::Metrics {
         cpu_ms: cpu_ticks.saturating_mul(1000) / ticks,

@@ -433,6 +433,14 @@ fn exec_pipes_exit_codes_errors_timeout_cancel() {
         assert_eq!(o.exit(), (None, Some(9), Status::Timeout));
         assert!(t.elapsed() < Duration::from_secs(10));
 
+        // A timeout too far away to represent is no timeout.
+        let o = c.call(&with(exec(&["true"]), |r| {
+            if let Request::Exec { timeout_ms, .. } = r {
+                *timeout_ms = Some(u64::MAX);
+            }
+        }));
+        assert_eq!(o.exit(), (Some(0), None, Status::Ok));
+
         // Cancel.
         let s = c.request(&exec(&["sleep", "100"]));
         assert!(matches!(c.first_response(s), Response::Started { .. }));
@@ -820,6 +828,165 @@ fn a_flooding_host_connection_is_bounded_and_others_stay_served() {
         };
         let o = b.call(&Request::ProcOutput { pid, follow: true });
         assert_eq!(o.exit(), (None, Some(9), Status::Timeout));
+    });
+}
+
+/// xorshift64*: reproducible pseudo-random numbers without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[(self.next() % items.len() as u64) as usize]
+    }
+}
+
+#[test]
+fn random_requests_never_take_the_agent_down() {
+    fenced(240, || {
+        let sb = Sandbox::start();
+        let mut c = sb.connect();
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let paths = [
+            "/",
+            "/work",
+            "/work/../..",
+            "/proc/self/fd/0",
+            "/proc/self/fd/3",
+            "/proc/self/fd/4",
+            "/proc/self/fd/5",
+            "/proc/self/fd/6",
+            "/proc/self/mem",
+            "/proc/1/mem",
+            "/dev/zero",
+            "/dev/pts/ptmx",
+            "/dev/tty",
+            "/etc",
+            "/etc/passwd",
+            "/tmp/x",
+            "/work/f",
+            "/work/d/e",
+            "/sys",
+            "/proc/self/cwd",
+            "/proc/self/root/etc/passwd",
+            "/run/moat",
+        ];
+        let numbers = [
+            0u64,
+            1,
+            2,
+            3,
+            255,
+            65535,
+            i32::MAX as u64,
+            u32::MAX as u64,
+            u64::MAX,
+        ];
+        let mut last_stream = 1u32;
+        let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+        for i in 0..400 {
+            let path = rng.pick(&paths).to_string();
+            let n = *rng.pick(&numbers);
+            let small = (rng.next() % 70) as i32 - 3;
+            let request = match rng.next() % 16 {
+                0 => Request::Exec {
+                    argv: rng
+                        .pick(&[
+                            vec!["true"],
+                            vec!["sh", "-c", "exit 7"],
+                            vec!["cat"],
+                            vec!["nope"],
+                            vec!["/"],
+                            vec!["sleep", "0.05"],
+                        ])
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect(),
+                    env: BTreeMap::new(),
+                    cwd: (rng.next() % 2 == 0).then(|| path.clone()),
+                    stdin: rng.next() % 2 == 0,
+                    pty: (rng.next() % 3 == 0).then_some(PtySize {
+                        rows: (n % 65536).max(1) as u16,
+                        cols: (n % 65536).max(1) as u16,
+                    }),
+                    timeout_ms: (rng.next() % 2 == 0).then_some(n.max(1)),
+                    background: rng.next() % 4 == 0,
+                },
+                1 => Request::Signal {
+                    stream: last_stream | 1,
+                    signal: small,
+                },
+                2 => Request::Resize {
+                    stream: last_stream | 1,
+                    rows: n as u16,
+                    cols: (n >> 3) as u16,
+                },
+                3 => Request::ReadFile { path },
+                4 => Request::WriteFile {
+                    path,
+                    mode: (rng.next() % 2 == 0).then_some(n as u32),
+                    create_parents: rng.next() % 2 == 0,
+                },
+                5 => Request::ListDir {
+                    path,
+                    depth: (n % 20) as u32,
+                },
+                6 => Request::Stat { path },
+                7 => Request::Mkdir {
+                    path,
+                    parents: rng.next() % 2 == 0,
+                },
+                8 => Request::Remove {
+                    path,
+                    recursive: rng.next() % 2 == 0,
+                },
+                9 => Request::Rename {
+                    from: path,
+                    to: rng.pick(&paths).to_string(),
+                },
+                10 => Request::Metrics {},
+                11 => Request::Procs {},
+                12 => Request::ProcOutput {
+                    pid: n as u32,
+                    follow: false,
+                },
+                13 => Request::ProcStdin {
+                    pid: n as u32,
+                    close: rng.next() % 2 == 0,
+                },
+                14 => Request::SignalPid {
+                    pid: (n as u32).min(3),
+                    signal: small,
+                },
+                _ => Request::exec(["true"]),
+            };
+            let s = c.request(&request);
+            last_stream = s;
+            // Whatever a request takes on channel 0, it gets a little and an end.
+            if rng.next() % 2 == 0 {
+                c.stdin(s, b"data");
+            }
+            c.eof(s);
+            if rng.next() % 3 == 0 {
+                c.cancel(s);
+            }
+            let o = c.finish(s);
+            let Some(last) = &o.last else {
+                panic!("{i}: {request:?}")
+            };
+            *kinds.entry(last.type_name()).or_insert(0usize) += 1;
+        }
+        eprintln!("answers: {kinds:?}");
+        assert!(kinds.get("exit").copied().unwrap_or(0) > 10, "{kinds:?}");
+        assert!(kinds.get("error").copied().unwrap_or(0) > 10, "{kinds:?}");
+        assert_eq!(c.run(&["echo", "alive"]).out(), "alive\n");
+        assert!(alive(sb.spawned.pid, sb.spawned.start_time));
     });
 }
 
