@@ -909,14 +909,14 @@ fn random_requests_never_take_the_agent_down() {
                         .map(|s| s.to_string())
                         .collect(),
                     env: BTreeMap::new(),
-                    cwd: (rng.next() % 2 == 0).then(|| path.clone()),
-                    stdin: rng.next() % 2 == 0,
-                    pty: (rng.next() % 3 == 0).then_some(PtySize {
+                    cwd: (rng.next().is_multiple_of(2)).then(|| path.clone()),
+                    stdin: rng.next().is_multiple_of(2),
+                    pty: (rng.next().is_multiple_of(3)).then_some(PtySize {
                         rows: (n % 65536).max(1) as u16,
                         cols: (n % 65536).max(1) as u16,
                     }),
-                    timeout_ms: (rng.next() % 2 == 0).then_some(n.max(1)),
-                    background: rng.next() % 4 == 0,
+                    timeout_ms: (rng.next().is_multiple_of(2)).then_some(n.max(1)),
+                    background: rng.next().is_multiple_of(4),
                 },
                 1 => Request::Signal {
                     stream: last_stream | 1,
@@ -930,8 +930,8 @@ fn random_requests_never_take_the_agent_down() {
                 3 => Request::ReadFile { path },
                 4 => Request::WriteFile {
                     path,
-                    mode: (rng.next() % 2 == 0).then_some(n as u32),
-                    create_parents: rng.next() % 2 == 0,
+                    mode: (rng.next().is_multiple_of(2)).then_some(n as u32),
+                    create_parents: rng.next().is_multiple_of(2),
                 },
                 5 => Request::ListDir {
                     path,
@@ -940,11 +940,11 @@ fn random_requests_never_take_the_agent_down() {
                 6 => Request::Stat { path },
                 7 => Request::Mkdir {
                     path,
-                    parents: rng.next() % 2 == 0,
+                    parents: rng.next().is_multiple_of(2),
                 },
                 8 => Request::Remove {
                     path,
-                    recursive: rng.next() % 2 == 0,
+                    recursive: rng.next().is_multiple_of(2),
                 },
                 9 => Request::Rename {
                     from: path,
@@ -958,7 +958,7 @@ fn random_requests_never_take_the_agent_down() {
                 },
                 13 => Request::ProcStdin {
                     pid: n as u32,
-                    close: rng.next() % 2 == 0,
+                    close: rng.next().is_multiple_of(2),
                 },
                 14 => Request::SignalPid {
                     pid: (n as u32).min(3),
@@ -969,11 +969,11 @@ fn random_requests_never_take_the_agent_down() {
             let s = c.request(&request);
             last_stream = s;
             // Whatever a request takes on channel 0, it gets a little and an end.
-            if rng.next() % 2 == 0 {
+            if rng.next().is_multiple_of(2) {
                 c.stdin(s, b"data");
             }
             c.eof(s);
-            if rng.next() % 3 == 0 {
+            if rng.next().is_multiple_of(3) {
                 c.cancel(s);
             }
             let o = c.finish(s);
