@@ -202,6 +202,13 @@ mod tests {
     }
 
     #[test]
+    fn start_refuses_a_multi_threaded_process() {
+        // The test harness runs tests on threads of their own.
+        let err = Spawner::start().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Unsupported, "{err}");
+    }
+
+    #[test]
     fn bad_requests_are_errors() {
         assert!(handle(b"not json")
             .unwrap_err()

@@ -1183,6 +1183,27 @@ fn files_round_trip_and_stay_inside() {
             let o = c.read_file(path);
             assert_eq!(o.stdout, sandbox_hostname, "{path}");
         }
+        // The agent's own magic links lead to host files (its binary, the uid slot's lock):
+        // Landlock keeps them closed even to the agent.
+        for path in ["/proc/self/exe", "/proc/1/exe"] {
+            let o = c.read_file(path);
+            assert!(
+                matches!(o.error(), ErrorCode::PermissionDenied | ErrorCode::NotFound),
+                "{path}: {o:?}"
+            );
+        }
+        for fd in 3..16 {
+            let path = format!("/proc/self/fd/{fd}");
+            let o = c.read_file(&path);
+            if let Some(Response::FileDone { bytes }) = o.last {
+                panic!("{path} of the agent opened ({bytes} bytes)");
+            }
+            let o = c.write_file(&path, b"x");
+            assert!(
+                matches!(o.last, Some(Response::Error { .. })),
+                "{path}: {o:?}"
+            );
+        }
         let o = c.read_file("/proc/1/environ");
         assert!(
             o.stdout.iter().all(|&b| b == 0),
