@@ -90,7 +90,11 @@ impl Sandbox {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         let socket = dir.join("agent.sock");
         let (mut spawner, child) = start_spawner();
+        let t = Instant::now();
         let spawned = spawner.spawn(&policy, &socket).expect("spawn a sandbox");
+        if std::env::var_os("MOAT_TEST_TIMING").is_some() {
+            eprintln!("spawn took {:?}", t.elapsed());
+        }
         assert!(alive(spawned.pid, spawned.start_time));
         let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
@@ -488,6 +492,14 @@ fn exec_pipes_exit_codes_errors_timeout_cancel() {
         let o = c.sh("ls /proc/1/fd 2>&1; ls -l /proc/1/exe 2>&1");
         assert!(!o.out().contains("socket:"), "{}", o.out());
         assert!(!o.out().contains("moat"), "{}", o.out());
+
+        if std::env::var_os("MOAT_TEST_TIMING").is_some() {
+            let t = Instant::now();
+            for _ in 0..50 {
+                c.run(&["true"]);
+            }
+            eprintln!("exec of true, round trip: {:?}", t.elapsed() / 50);
+        }
 
         // Many execs at once on one connection.
         let streams: Vec<u32> = (0..12)
