@@ -1175,17 +1175,20 @@ impl Agent<'_> {
         p.finished_ms = Some(now_ms());
         p.out = [None, None];
         p.input = None;
+        // A proc_stdin whose bytes all went in before the exit succeeded.
+        let written = p.pending.is_empty();
         p.pending.clear();
         let waiter = p.waiter.take();
         if let Some(w) = waiter {
-            self.respond(
-                w.conn,
-                w.stream,
-                &Response::error(
+            let response = if w.eof && written {
+                Response::Ok {}
+            } else {
+                Response::error(
                     ErrorCode::InvalidRequest,
                     format!("process {pid} exited before its stdin was written"),
-                ),
-            );
+                )
+            };
+            self.respond(w.conn, w.stream, &response);
         }
         let Some(p) = self.procs.get_mut(&pid) else {
             return;
