@@ -97,7 +97,8 @@
 //!   program, `permission_denied`, ...). `stdin: false` gives the process `/dev/null`, and
 //!   the host sends nothing on channel 0.
 //! - With `pty`, stdin, stdout and stderr are one terminal: all output comes on channel 1,
-//!   there is no channel 2 and no Eof on it. `Resize` changes the size.
+//!   there is no channel 2 and no Eof on it. `Resize` changes the size. The host's Eof on
+//!   channel 0 reaches the terminal as its end-of-file character (Ctrl-D).
 //! - The agent sends Eof on channel 1 (and 2) before `Exit`, once the pipe ends or, if a
 //!   leftover child keeps it open, once the process has exited and what was readable is
 //!   sent. `Exit` is always the last frame.

@@ -879,9 +879,13 @@ impl Agent<'_> {
                     }
                 }
                 _ => {
-                    // A pty's input stays open (its master is also the output): end of stdin
-                    // there means nothing more is sent.
-                    if !p.pty {
+                    if p.pty {
+                        // A pty's master stays open (it is also the output): end of stdin is
+                        // the terminal's end-of-file character, as typing Ctrl-D.
+                        if p.input.is_some() {
+                            p.pending.push(0x04);
+                        }
+                    } else {
                         p.close_input = true;
                     }
                 }

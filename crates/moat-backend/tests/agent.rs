@@ -561,6 +561,14 @@ fn pty_exec_and_resize() {
         let out = o.out();
         assert!(out.contains("30 100"), "{out:?}");
         assert!(out.contains("got go"), "{out:?}");
+        // The end of stdin on a pty is Ctrl-D: cat sees end of file.
+        let s = c.request(&with(with(exec(&["cat"]), pty(24, 80)), set_stdin));
+        assert!(matches!(c.first_response(s), Response::Started { .. }));
+        c.stdin(s, b"line\n");
+        c.eof(s);
+        let o = c.finish(s);
+        assert!(o.out().contains("line"), "{:?}", o.out());
+        assert_eq!(o.exit(), (Some(0), None, Status::Ok));
         // Resize of a process without a pty.
         let s = c.request(&exec(&["sleep", "100"]));
         c.first_response(s);
