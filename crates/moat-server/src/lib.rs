@@ -1,4 +1,153 @@
-//! `moat serve`: the daemon. HTTP API under `/v1`, the sandbox lifecycle, and the host side of
-//! the agent protocol.
+//! `moat serve`: the daemon. HTTP API under `/v1` ([`http`]), the sandbox lifecycle ([`app`]),
+//! the audit log's group-commit writer ([`events`]) and the host side of the agent protocol
+//! ([`agent_client`]).
+//!
+//! Process model: [`serve`] first forks the spawner (a single-threaded process that creates
+//! every sandbox: nothing is forked from the async runtime), then starts tokio. Each sandbox's
+//! init is moat's agent, listening on `STATE_DIR/sandboxes/ID/agent.sock`; sandboxes outlive the
+//! daemon, and a new daemon re-attaches to them from the registry.
 
 pub mod agent_client;
+pub mod app;
+mod b64;
+pub mod error;
+pub mod events;
+mod exec;
+mod files;
+pub mod http;
+mod openapi;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use moat_engine::store::Store;
+
+/// How `moat serve` runs.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Address to listen on. Default `127.0.0.1:7070`.
+    pub listen: SocketAddr,
+    /// Where the registry, the audit log, the admin key and the agents' sockets live.
+    pub state_dir: PathBuf,
+    /// A sandbox's lifetime when the create call gives none. Default 300 s.
+    pub default_ttl_s: u64,
+    /// The longest lifetime a sandbox may have or be extended to. Default 86400 s.
+    pub max_ttl_s: u64,
+}
+
+/// Why the daemon could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("state directory {path}: {message}")]
+    StateDir { path: PathBuf, message: String },
+    #[error("cannot start the sandbox spawner: {0}")]
+    Spawner(#[source] std::io::Error),
+    #[error("cannot listen on {addr}: {source} (is another moat serve running? choose another --listen)")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// The default state directory: `/var/lib/moat` as root, else `$XDG_STATE_HOME/moat` or
+/// `~/.local/state/moat`.
+pub fn default_state_dir() -> PathBuf {
+    if moat_sys::process::effective_uid() == 0 {
+        return PathBuf::from("/var/lib/moat");
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("moat");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+    PathBuf::from(home).join(".local/state/moat")
+}
+
+/// Runs the daemon until SIGINT or SIGTERM. Must be called while the process is still
+/// single-threaded: it forks the spawner before it starts any thread.
+pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
+    let spawner = moat_backend::spawner::Spawner::start().map_err(ServeError::Spawner)?;
+    let state_err = |message: String| ServeError::StateDir {
+        path: cfg.state_dir.clone(),
+        message,
+    };
+    let store = Store::open(&cfg.state_dir).map_err(|e| state_err(e.to_string()))?;
+    let key_file = cfg.state_dir.join("admin.key");
+    match store.ensure_admin_key(&key_file, app::now_ms()) {
+        Ok(Some(_)) => eprintln!(
+            "moat: created the first admin key in {} (mode 0600): export MOAT_API_KEY=$(cat {})",
+            key_file.display(),
+            key_file.display()
+        ),
+        Ok(None) => {
+            if key_file.exists() {
+                eprintln!("moat: admin key: {}", key_file.display());
+            }
+        }
+        Err(e) => return Err(state_err(e.to_string())),
+    }
+    let events = events::EventLog::start(&cfg.state_dir).map_err(state_err)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("moat-serve")
+        .build()
+        .map_err(|e| ServeError::Runtime(format!("cannot start the async runtime: {e}")))?;
+    let app = Arc::new(app::App {
+        cfg: cfg.clone(),
+        db: Mutex::new(store),
+        events,
+        sandboxes: RwLock::new(Default::default()),
+        spawner: Mutex::new(spawner),
+        counters: Default::default(),
+    });
+    runtime.block_on(run(app))
+}
+
+async fn run(app: Arc<app::App>) -> Result<(), ServeError> {
+    let addr = app.cfg.listen;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Listen { addr, source })?;
+    let attached = app.reattach().await.map_err(ServeError::Runtime)?;
+    let local = listener.local_addr().unwrap_or(addr);
+    eprintln!(
+        "moat: serving http://{local} (state {}, {attached} sandboxes re-attached)",
+        app.cfg.state_dir.display()
+    );
+    let reaper = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                app.reap_expired().await;
+            }
+        })
+    };
+    let router = http::router(app.clone());
+    let shutdown = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| ServeError::Runtime(format!("HTTP server: {e}")))?;
+    reaper.abort();
+    // Sandboxes keep running: a new daemon re-attaches to them.
+    eprintln!("moat: stopped; sandboxes keep running until they expire or a daemon deletes them");
+    Ok(())
+}

@@ -73,8 +73,13 @@ impl Fence {
         }
     }
 
+    /// The fence's cgroup directories.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.cg.as_ref().map(|c| c.paths()).unwrap_or_default()
+    }
+
     /// A shell prefix that moves the shell into the fence before it execs moat.
-    fn prefix(&self) -> String {
+    pub fn prefix(&self) -> String {
         let mut s = String::new();
         if let Some(cg) = &self.cg {
             for f in cg.procs_files() {

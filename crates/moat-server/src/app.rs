@@ -1,0 +1,677 @@
+//! The daemon's state and the sandbox lifecycle: create, destroy, pause, resume, expiry, and
+//! re-attaching to the sandboxes that outlived a restart.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use moat_api::Layers;
+use moat_backend::cgroup::Cgroup;
+use moat_backend::spawner::Spawner;
+use moat_engine::store::{
+    self, Event, EventKind, KeyId, Principal, RuntimeInfo, SandboxFilter, SandboxRecord,
+    SandboxState, Scope, Store,
+};
+use moat_policy::Policy;
+use serde_json::{json, Value};
+
+use crate::agent_client::AgentClient;
+use crate::error::{ApiError, ApiResult};
+use crate::events::EventLog;
+use crate::ServeConfig;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A live sandbox: what the registry holds plus the handles to reach it.
+pub struct Sandbox {
+    pub id: String,
+    pub owner: KeyId,
+    pub tier: String,
+    pub created_at: u64,
+    pub expires_at: AtomicU64,
+    pub metadata: BTreeMap<String, String>,
+    pub state: Mutex<SandboxState>,
+    pub policy: Policy,
+    pub runtime: RuntimeInfo,
+    pub layers: Layers,
+    /// The shared connection for short requests.
+    pub agent: AgentClient,
+    /// Serialises lifecycle changes (pause, resume, destroy) of this sandbox.
+    pub lifecycle: tokio::sync::Mutex<()>,
+}
+
+impl Sandbox {
+    pub fn state(&self) -> SandboxState {
+        self.state
+            .lock()
+            .map(|s| *s)
+            .unwrap_or(SandboxState::Failed)
+    }
+
+    fn set_state(&self, to: SandboxState) {
+        if let Ok(mut s) = self.state.lock() {
+            *s = to;
+        }
+    }
+
+    /// The sandbox as the API shows it.
+    pub fn json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "state": self.state().as_str(),
+            "tier": self.tier,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at.load(Ordering::Relaxed),
+            "metadata": self.metadata,
+            "error": null,
+            "sandbox": self.layers,
+        })
+    }
+
+    /// A fresh connection to the agent, for a long streamed transfer (so a slow client
+    /// stalls only its own transfer).
+    pub async fn dedicated(&self) -> ApiResult<AgentClient> {
+        Ok(AgentClient::connect(&self.runtime.agent_socket).await?)
+    }
+
+    /// Runs `f` on a handle to the sandbox's cgroup; `None` when it has none. The handle is
+    /// disarmed afterwards (dropping an armed one would remove the cgroup).
+    fn with_cgroup<T>(&self, f: impl FnOnce(&Cgroup) -> T) -> Option<T> {
+        with_cgroup(&self.runtime.cgroup_paths, f)
+    }
+
+    /// The sandbox must be running for exec and file calls.
+    pub fn require_running(&self) -> ApiResult<()> {
+        match self.state() {
+            SandboxState::Running => Ok(()),
+            SandboxState::Paused => Err(ApiError::conflict(
+                "sandbox_paused",
+                format!(
+                    "sandbox {} is paused: resume it first (POST /v1/sandboxes/{}/resume)",
+                    self.id, self.id
+                ),
+            )),
+            other => Err(ApiError::conflict(
+                "sandbox_not_running",
+                format!("sandbox {} is {}", self.id, other.as_str()),
+            )),
+        }
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct Counters {
+    pub created: AtomicU64,
+    pub destroyed: AtomicU64,
+    pub expired: AtomicU64,
+    pub execs: AtomicU64,
+    pub requests: AtomicU64,
+    pub errors_4xx: AtomicU64,
+    pub errors_5xx: AtomicU64,
+    pub create_failures: AtomicU64,
+}
+
+pub struct App {
+    pub cfg: ServeConfig,
+    pub db: Mutex<Store>,
+    pub events: EventLog,
+    pub sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
+    pub spawner: Mutex<Spawner>,
+    pub counters: Counters,
+}
+
+/// Who is calling, as checked against the registry.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub principal: Principal,
+}
+
+impl Caller {
+    /// The key behind the call (a token's parent key).
+    pub fn key_id(&self) -> &KeyId {
+        match &self.principal {
+            Principal::Key(k) => &k.id,
+            Principal::Token(t) => &t.parent_key,
+        }
+    }
+
+    pub fn is_admin(&self) -> bool {
+        matches!(&self.principal, Principal::Key(k) if k.admin)
+    }
+
+    pub fn is_token(&self) -> bool {
+        matches!(self.principal, Principal::Token(_))
+    }
+
+    /// Whether this caller may act on `sandbox` with `scope`; a sandbox it may not see at all
+    /// is reported exactly like a missing one.
+    pub fn check(&self, sandbox: &Sandbox, scope: Scope) -> ApiResult<()> {
+        match &self.principal {
+            Principal::Key(k) => {
+                if k.admin || k.id == sandbox.owner {
+                    Ok(())
+                } else {
+                    Err(ApiError::no_sandbox(&sandbox.id))
+                }
+            }
+            Principal::Token(t) => {
+                if t.sandbox_id != sandbox.id {
+                    return Err(ApiError::no_sandbox(&sandbox.id));
+                }
+                if t.allows(scope) {
+                    Ok(())
+                } else {
+                    Err(ApiError::forbidden(format!(
+                        "this token does not have the `{}` scope",
+                        scope_name(scope)
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// The API's name for a scope (`files:read`).
+pub fn scope_name(scope: Scope) -> &'static str {
+    match scope {
+        Scope::Exec => "exec",
+        Scope::FilesRead => "files:read",
+        Scope::FilesWrite => "files:write",
+        Scope::Read => "read",
+    }
+}
+
+pub fn parse_scope(s: &str) -> Option<Scope> {
+    match s {
+        "exec" => Some(Scope::Exec),
+        "files:read" | "files_read" => Some(Scope::FilesRead),
+        "files:write" | "files_write" => Some(Scope::FilesWrite),
+        "read" => Some(Scope::Read),
+        _ => None,
+    }
+}
+
+/// Runs a closure on the registry's connection off the async threads.
+pub async fn db<T: Send + 'static>(
+    app: &Arc<App>,
+    f: impl FnOnce(&Store) -> Result<T, store::StoreError> + Send + 'static,
+) -> ApiResult<T> {
+    let app = app.clone();
+    tokio::task::spawn_blocking(move || {
+        let store = app
+            .db
+            .lock()
+            .map_err(|_| ApiError::internal("state database lock poisoned"))?;
+        f(&store).map_err(ApiError::from)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("database task: {e}")))?
+}
+
+impl App {
+    pub fn sandbox(&self, id: &str) -> Option<Arc<Sandbox>> {
+        self.sandboxes.read().ok()?.get(id).cloned()
+    }
+
+    /// Finds a sandbox the caller may act on with `scope`.
+    pub fn visible(&self, caller: &Caller, id: &str, scope: Scope) -> ApiResult<Arc<Sandbox>> {
+        let sbx = self.sandbox(id).ok_or_else(|| ApiError::no_sandbox(id))?;
+        caller.check(&sbx, scope)?;
+        Ok(sbx)
+    }
+
+    /// Stores an audit event; the call it records is answered only after this returns.
+    pub async fn audit(
+        &self,
+        key: Option<&KeyId>,
+        sandbox: Option<&str>,
+        kind: EventKind,
+        data: Value,
+    ) -> ApiResult<u64> {
+        self.events
+            .append(Event {
+                ts: now_ms(),
+                key_id: key.cloned(),
+                sandbox_id: sandbox.map(str::to_owned),
+                kind,
+                data,
+            })
+            .await
+            .map_err(ApiError::internal)
+    }
+
+    fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.cfg.state_dir.join("sandboxes").join(id)
+    }
+
+    /// Creates and starts a sandbox for `caller`.
+    pub async fn create(
+        self: &Arc<Self>,
+        caller: &Caller,
+        policy_json: Value,
+        metadata: BTreeMap<String, String>,
+        timeout_s: Option<u64>,
+        tier: String,
+    ) -> ApiResult<Arc<Sandbox>> {
+        if tier != "native" {
+            return Err(ApiError::bad_request(format!(
+                "tier `{tier}` is not available on this server: use `native`"
+            )));
+        }
+        let policy: Policy = serde_json::from_value(policy_json.clone())
+            .map_err(|e| ApiError::bad_request(format!("policy: {e}")))?;
+        policy
+            .validate()
+            .map_err(|e| ApiError::bad_request(format!("policy: {e}")))?;
+        let ttl_s = timeout_s.unwrap_or(self.cfg.default_ttl_s);
+        if ttl_s == 0 {
+            return Err(ApiError::bad_request("timeout_s must be at least 1"));
+        }
+        let ttl_s = ttl_s.min(self.cfg.max_ttl_s);
+        let id = store::new_sandbox_id()?;
+        let now = now_ms();
+        let record = SandboxRecord {
+            id: id.clone(),
+            owner_key: caller.key_id().clone(),
+            tier: tier.clone(),
+            state: SandboxState::Creating,
+            created_at: now,
+            expires_at: now + ttl_s * 1000,
+            metadata: metadata.clone(),
+            policy_json: policy_json.to_string(),
+            runtime: None,
+            error: None,
+        };
+        {
+            let record = record.clone();
+            db(self, move |s| s.insert_sandbox(&record)).await?;
+        }
+        let dir = self.sandbox_dir(&id);
+        let socket = dir.join("agent.sock");
+        let spawned = {
+            let app = self.clone();
+            let dir = dir.clone();
+            let socket = socket.clone();
+            let policy_json = policy_json.clone();
+            tokio::task::spawn_blocking(move || -> Result<_, String> {
+                make_private_dir(&dir)?;
+                let mut spawner = app
+                    .spawner
+                    .lock()
+                    .map_err(|_| "the spawner lock is poisoned".to_string())?;
+                spawner.spawn(&policy_json, &socket)
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("spawn task: {e}")))?
+        };
+        let spawned = match spawned {
+            Ok(s) => s,
+            Err(e) => {
+                self.counters
+                    .create_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                let id2 = id.clone();
+                let _ = db(self, move |s| s.delete_sandbox(&id2)).await;
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(ApiError::new(
+                    axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                    "sandbox_failed",
+                    format!("cannot start the sandbox: {e}"),
+                ));
+            }
+        };
+        let runtime = RuntimeInfo {
+            init_pid: spawned.pid,
+            init_start_time: spawned.start_time,
+            agent_socket: socket.clone(),
+            cgroup_paths: spawned.cgroup_paths.clone(),
+        };
+        let agent = match AgentClient::connect(&socket).await {
+            Ok(a) => a,
+            Err(e) => {
+                kill_runtime(&runtime);
+                let id2 = id.clone();
+                let _ = db(self, move |s| s.delete_sandbox(&id2)).await;
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(ApiError::internal(format!(
+                    "the sandbox started but its agent did not answer: {e}"
+                )));
+            }
+        };
+        {
+            let id2 = id.clone();
+            let rt = runtime.clone();
+            db(self, move |s| {
+                s.set_runtime(&id2, Some(&rt))?;
+                s.set_state(&id2, &[SandboxState::Creating], SandboxState::Running)
+            })
+            .await?;
+        }
+        let sbx = Arc::new(Sandbox {
+            id: id.clone(),
+            owner: caller.key_id().clone(),
+            tier,
+            created_at: now,
+            expires_at: AtomicU64::new(record.expires_at),
+            metadata,
+            state: Mutex::new(SandboxState::Running),
+            policy,
+            runtime,
+            layers: spawned.layers,
+            agent,
+            lifecycle: tokio::sync::Mutex::new(()),
+        });
+        if let Ok(mut map) = self.sandboxes.write() {
+            map.insert(id.clone(), sbx.clone());
+        }
+        self.counters.created.fetch_add(1, Ordering::Relaxed);
+        self.audit(
+            Some(caller.key_id()),
+            Some(&id),
+            EventKind::SandboxCreated,
+            json!({"tier": sbx.tier, "expires_at": record.expires_at, "metadata": sbx.metadata,
+                   "pid": sbx.runtime.init_pid}),
+        )
+        .await?;
+        Ok(sbx)
+    }
+
+    /// Destroys a sandbox: kills its init (the kernel kills everything else in it), removes
+    /// its cgroup and socket directory, and drops it from the registry.
+    pub async fn destroy(
+        self: &Arc<Self>,
+        sbx: &Arc<Sandbox>,
+        key: Option<&KeyId>,
+        reason: &str,
+    ) -> ApiResult<()> {
+        let _guard = sbx.lifecycle.lock().await;
+        if self.sandbox(&sbx.id).is_none() {
+            return Ok(());
+        }
+        sbx.set_state(SandboxState::Stopping);
+        {
+            let id = sbx.id.clone();
+            let _ = db(self, move |s| {
+                s.set_state(
+                    &id,
+                    &[
+                        SandboxState::Running,
+                        SandboxState::Paused,
+                        SandboxState::Creating,
+                    ],
+                    SandboxState::Stopping,
+                )
+            })
+            .await;
+        }
+        let runtime = sbx.runtime.clone();
+        let dir = self.sandbox_dir(&sbx.id);
+        tokio::task::spawn_blocking(move || {
+            kill_runtime(&runtime);
+            let _ = std::fs::remove_dir_all(&dir);
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("destroy task: {e}")))?;
+        {
+            let id = sbx.id.clone();
+            db(self, move |s| s.delete_sandbox(&id)).await?;
+        }
+        if let Ok(mut map) = self.sandboxes.write() {
+            map.remove(&sbx.id);
+        }
+        sbx.set_state(SandboxState::Stopped);
+        let kind = if reason == "expired" {
+            self.counters.expired.fetch_add(1, Ordering::Relaxed);
+            EventKind::SandboxExpired
+        } else {
+            EventKind::SandboxDestroyed
+        };
+        self.counters.destroyed.fetch_add(1, Ordering::Relaxed);
+        self.audit(
+            key,
+            Some(&sbx.id),
+            kind,
+            json!({"reason": reason, "state": "stopped"}),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Freezes (`pause`) or thaws a sandbox's whole cgroup.
+    pub async fn set_paused(
+        self: &Arc<Self>,
+        sbx: &Arc<Sandbox>,
+        key: &KeyId,
+        pause: bool,
+    ) -> ApiResult<()> {
+        let _guard = sbx.lifecycle.lock().await;
+        let (from, to) = if pause {
+            (SandboxState::Running, SandboxState::Paused)
+        } else {
+            (SandboxState::Paused, SandboxState::Running)
+        };
+        let now = sbx.state();
+        if now == to {
+            return Ok(());
+        }
+        if now != from {
+            return Err(ApiError::conflict(
+                "sandbox_not_running",
+                format!("sandbox {} is {}", sbx.id, now.as_str()),
+            ));
+        }
+        if sbx.runtime.cgroup_paths.is_empty() {
+            return Err(ApiError::conflict(
+                "no_cgroup",
+                "this sandbox runs without a cgroup, so it cannot be paused",
+            ));
+        }
+        let sbx2 = sbx.clone();
+        tokio::task::spawn_blocking(move || {
+            sbx2.with_cgroup(|cg| if pause { cg.freeze() } else { cg.thaw() })
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("freezer task: {e}")))?
+        .ok_or_else(|| ApiError::internal("the sandbox's cgroup is gone"))?
+        .map_err(|e| ApiError::internal(format!("cgroup freezer: {e}")))?;
+        sbx.set_state(to);
+        let id = sbx.id.clone();
+        db(self, move |s| s.set_state(&id, &[from], to)).await?;
+        self.audit(
+            Some(key),
+            Some(&sbx.id),
+            EventKind::SandboxState,
+            json!({"state": to.as_str()}),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Moves a sandbox's expiry to `now + timeout_s`, within the server's maximum lifetime.
+    pub async fn set_timeout(
+        self: &Arc<Self>,
+        sbx: &Arc<Sandbox>,
+        key: &KeyId,
+        timeout_s: u64,
+    ) -> ApiResult<u64> {
+        if timeout_s == 0 {
+            return Err(ApiError::bad_request("timeout_s must be at least 1"));
+        }
+        let id = sbx.id.clone();
+        let want = now_ms().saturating_add(timeout_s.saturating_mul(1000));
+        let max = Duration::from_secs(self.cfg.max_ttl_s);
+        let got = db(self, move |s| s.extend_expiry(&id, want, max))
+            .await?
+            .ok_or_else(|| ApiError::no_sandbox(&sbx.id))?;
+        sbx.expires_at.store(got, Ordering::Relaxed);
+        self.audit(
+            Some(key),
+            Some(&sbx.id),
+            EventKind::SandboxState,
+            json!({"expires_at": got}),
+        )
+        .await?;
+        Ok(got)
+    }
+
+    /// cpu, memory and pids of the whole sandbox, from its cgroup.
+    pub fn metrics(&self, sbx: &Sandbox) -> Value {
+        match sbx.with_cgroup(|cg| cg.stats()) {
+            Some(s) => json!({"cpu_ms": s.cpu_usec / 1000, "memory_bytes": s.memory_bytes,
+                              "pids": s.pids}),
+            None => json!({"cpu_ms": null, "memory_bytes": null, "pids": null}),
+        }
+    }
+
+    /// Destroys every sandbox whose expiry has passed.
+    pub async fn reap_expired(self: &Arc<Self>) {
+        let now = now_ms();
+        let Ok(ids) = db(self, move |s| s.expired(now)).await else {
+            return;
+        };
+        for id in ids {
+            if let Some(sbx) = self.sandbox(&id) {
+                let _ = self.destroy(&sbx, None, "expired").await;
+            }
+        }
+    }
+
+    /// On start: re-attach to the sandboxes that outlived the previous daemon; destroy those
+    /// that expired meanwhile and forget those that died.
+    pub async fn reattach(self: &Arc<Self>) -> Result<usize, String> {
+        let records = db(self, |s| s.all_sandboxes(&SandboxFilter::default()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let now = now_ms();
+        let mut attached = 0;
+        for rec in records {
+            let alive = rec
+                .runtime
+                .as_ref()
+                .is_some_and(|r| moat_backend::native::alive(r.init_pid, r.init_start_time));
+            let live_state = matches!(rec.state, SandboxState::Running | SandboxState::Paused);
+            let agent = match (&rec.runtime, alive && live_state) {
+                (Some(rt), true) => {
+                    // A paused sandbox's agent is frozen: thaw it to reconnect, then freeze
+                    // it again.
+                    let paused = rec.state == SandboxState::Paused;
+                    if paused {
+                        let p = rt.cgroup_paths.clone();
+                        let _ = tokio::task::spawn_blocking(move || with_cgroup(&p, |c| c.thaw()))
+                            .await;
+                    }
+                    let agent = AgentClient::connect(&rt.agent_socket).await.ok();
+                    if paused {
+                        let p = rt.cgroup_paths.clone();
+                        let _ =
+                            tokio::task::spawn_blocking(move || with_cgroup(&p, |c| c.freeze()))
+                                .await;
+                    }
+                    agent
+                }
+                _ => None,
+            };
+            let policy: Option<Policy> = serde_json::from_str(&rec.policy_json).ok();
+            match (agent, policy) {
+                (Some(agent), Some(policy)) if rec.expires_at > now => {
+                    let Some(runtime) = rec.runtime.clone() else {
+                        continue;
+                    };
+                    let sbx = Arc::new(Sandbox {
+                        id: rec.id.clone(),
+                        owner: rec.owner_key.clone(),
+                        tier: rec.tier.clone(),
+                        created_at: rec.created_at,
+                        expires_at: AtomicU64::new(rec.expires_at),
+                        metadata: rec.metadata.clone(),
+                        state: Mutex::new(rec.state),
+                        policy,
+                        runtime,
+                        layers: Layers {
+                            tier: rec.tier.clone(),
+                            ..Layers::default()
+                        },
+                        agent,
+                        lifecycle: tokio::sync::Mutex::new(()),
+                    });
+                    if let Ok(mut map) = self.sandboxes.write() {
+                        map.insert(rec.id.clone(), sbx);
+                    }
+                    attached += 1;
+                }
+                _ => {
+                    let reason = if rec.expires_at <= now {
+                        "expired"
+                    } else {
+                        "lost"
+                    };
+                    if let Some(rt) = &rec.runtime {
+                        let rt = rt.clone();
+                        let _ = tokio::task::spawn_blocking(move || kill_runtime(&rt)).await;
+                    }
+                    let _ = std::fs::remove_dir_all(self.sandbox_dir(&rec.id));
+                    let id = rec.id.clone();
+                    let _ = db(self, move |s| s.delete_sandbox(&id)).await;
+                    let kind = if reason == "expired" {
+                        EventKind::SandboxExpired
+                    } else {
+                        EventKind::SandboxDestroyed
+                    };
+                    let _ = self
+                        .audit(
+                            None,
+                            Some(&rec.id),
+                            kind,
+                            json!({"reason": reason, "state": "stopped"}),
+                        )
+                        .await;
+                }
+            }
+        }
+        Ok(attached)
+    }
+}
+
+/// Runs `f` on a handle to the cgroup at `paths`, then disarms the handle (dropping an armed
+/// one removes the cgroup).
+fn with_cgroup<T>(paths: &[PathBuf], f: impl FnOnce(&Cgroup) -> T) -> Option<T> {
+    if paths.is_empty() {
+        return None;
+    }
+    let cg = Cgroup::open(paths.to_vec()).ok()?;
+    let out = f(&cg);
+    let _ = cg.into_paths();
+    Some(out)
+}
+
+/// Kills a sandbox's init and everything left in its cgroup, then removes the cgroup; safe
+/// to call for a sandbox already gone.
+fn kill_runtime(rt: &RuntimeInfo) {
+    // A frozen sandbox cannot die: thaw it first.
+    with_cgroup(&rt.cgroup_paths, |cg| cg.thaw());
+    let _ = moat_backend::native::destroy(rt.init_pid, rt.init_start_time);
+    if !rt.cgroup_paths.is_empty() {
+        if let Ok(mut cg) = Cgroup::open(rt.cgroup_paths.clone()) {
+            let _ = cg.kill_all();
+            let _ = cg.remove();
+        }
+    }
+}
+
+fn make_private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("create {}: {e}", dir.display()))
+}
