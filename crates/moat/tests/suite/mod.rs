@@ -9,4 +9,5 @@ mod info_leaks;
 mod modes;
 mod programs;
 mod server;
+mod server_attacks;
 mod teardown;
