@@ -511,6 +511,36 @@ fn one_gib_round_trip_is_streamed() {
 // ---------------------------------------------------------------------------------------------
 // 3. More uploads at once than the agent takes connections.
 
+/// An upload body that sends its first 64 KiB, then holds until `release` (at most 20 s),
+/// then the rest: every upload is in flight at the same time.
+struct HeldBody {
+    fill: u8,
+    left: usize,
+    sent: usize,
+    release: Arc<AtomicBool>,
+}
+
+impl Read for HeldBody {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.sent >= 64 << 10 {
+            let t = Instant::now();
+            while !self.release.load(Ordering::Relaxed) && t.elapsed() < Duration::from_secs(20) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let cap = if self.sent < 64 << 10 {
+            (64 << 10) - self.sent
+        } else {
+            usize::MAX
+        };
+        let n = buf.len().min(self.left).min(cap);
+        buf[..n].fill(self.fill);
+        self.left -= n;
+        self.sent += n;
+        Ok(n)
+    }
+}
+
 #[test]
 fn forty_concurrent_uploads_to_one_sandbox() {
     const N: usize = 40;
@@ -518,22 +548,51 @@ fn forty_concurrent_uploads_to_one_sandbox() {
     let d = Daemon::start();
     let id = d.create(json!({}));
     let barrier = Arc::new(Barrier::new(N));
+    let release = Arc::new(AtomicBool::new(false));
+    let pid = d.pid();
+    let fds_idle = fd_count(pid);
     let t0 = Instant::now();
     let threads: Vec<_> = (0..N)
         .map(|i| {
             let url = format!("{}{}", d.url, path(&id, &format!("/files?path=/work/up-{i}")));
-            let key = d.key.clone();
+            let auth = format!("Bearer {}", d.key);
             let barrier = barrier.clone();
+            let release = release.clone();
             std::thread::spawn(move || {
                 let agent = client(60);
-                let body = vec![i as u8; SIZE];
+                let mut body = HeldBody {
+                    fill: i as u8,
+                    left: SIZE,
+                    sent: 0,
+                    release,
+                };
                 barrier.wait();
                 let t = Instant::now();
-                let a = try_call(&agent, "PUT", &url, &key, Some(&body));
+                let a = agent
+                    .put(&url)
+                    .header("Authorization", &auth)
+                    .send(ureq::SendBody::from_reader(&mut body))
+                    .map_err(|e| e.to_string())
+                    .and_then(|mut r| {
+                        let status = r.status().as_u16();
+                        r.body_mut()
+                            .read_to_vec()
+                            .map(|body| Answer { status, body })
+                            .map_err(|e| e.to_string())
+                    });
                 (i, a, t.elapsed())
             })
         })
         .collect();
+    // All of them are in flight at once: the daemon holds a connection for each, and for
+    // each that got one, a connection to the agent.
+    let mut peak_fds = 0;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        peak_fds = peak_fds.max(fd_count(pid));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    release.store(true, Ordering::Relaxed);
     let mut ok = BTreeSet::new();
     let mut refused = BTreeMap::new();
     let mut bad = Vec::new();
@@ -556,6 +615,11 @@ fn forty_concurrent_uploads_to_one_sandbox() {
         "{N} uploads: {} ok, refused {refused:?}, in {:?}",
         ok.len(),
         t0.elapsed()
+    );
+    eprintln!("daemon fds: {fds_idle} idle, {peak_fds} with every upload held open");
+    assert!(
+        peak_fds >= fds_idle + N,
+        "only {peak_fds} daemon fds (idle {fds_idle}): the uploads were not in flight at once"
     );
     assert!(bad.is_empty(), "uploads that hung or got no clear answer: {bad:?}");
     assert!(!ok.is_empty(), "no upload went through");
