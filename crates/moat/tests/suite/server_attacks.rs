@@ -670,6 +670,8 @@ fn kill_9_under_load_loses_no_acknowledged_event() {
     let mut d = Daemon::start();
     let ids: Vec<String> = (0..10).map(|_| d.create(json!({}))).collect();
     let stop = Arc::new(AtomicBool::new(false));
+    let killing = Arc::new(AtomicBool::new(false));
+    let cut = Arc::new(AtomicU64::new(0));
     let done: Arc<Mutex<Vec<Done>>> = Arc::new(Mutex::new(Vec::new()));
     let threads: Vec<_> = (0..50)
         .map(|t| {
@@ -678,12 +680,22 @@ fn kill_9_under_load_loses_no_acknowledged_event() {
             let key = d.key.clone();
             let stop = stop.clone();
             let done = done.clone();
+            let killing = killing.clone();
+            let cut = cut.clone();
             std::thread::spawn(move || {
                 let agent = client(30);
                 let body = vec![b'u'; 256 << 10];
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
                     i += 1;
+                    // A call begun before the kill that fails was in flight when it came.
+                    let in_flight = !killing.load(Ordering::SeqCst);
+                    let was_cut = || {
+                        if in_flight {
+                            cut.fetch_add(1, Ordering::Relaxed);
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    };
                     if t % 2 == 0 {
                         let marker = format!("mk-{t}-{i}");
                         let req = json!({"cmd": ["sh", "-c", format!("sleep 0.05; echo {marker}")]});
@@ -705,7 +717,7 @@ fn kill_9_under_load_loses_no_acknowledged_event() {
                                 a.status,
                                 a.text()
                             ),
-                            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                            Err(_) => was_cut(),
                         }
                     } else {
                         let p = format!("/work/up-{t}-{i}");
@@ -726,7 +738,7 @@ fn kill_9_under_load_loses_no_acknowledged_event() {
                                 a.status,
                                 a.text()
                             ),
-                            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                            Err(_) => was_cut(),
                         }
                     }
                 }
@@ -743,6 +755,7 @@ fn kill_9_under_load_loses_no_acknowledged_event() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let seen = events(&d);
+    killing.store(true, Ordering::SeqCst);
     d.kill9();
     // Every answer counted from here on was received from a daemon that is now dead.
     let acked = done.lock().unwrap().clone();
@@ -797,7 +810,10 @@ fn kill_9_under_load_loses_no_acknowledged_event() {
         seen.len(),
         after.len()
     );
+    let cut = cut.load(Ordering::Relaxed);
+    eprintln!("kill -9: {cut} calls were in flight and cut off");
     assert!(n_exec > 0 && n_up > 0);
+    assert!(cut >= 10, "only {cut} calls in flight at the kill");
     // The sandboxes came back, with the acknowledged uploads in them.
     for id in &ids {
         let r = d.sh(id, "ls /work | grep -c '^up-' || true");
