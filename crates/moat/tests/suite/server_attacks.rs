@@ -95,6 +95,22 @@ fn vm_rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Counters of `TcpExt` in /proc/net/netstat (this network namespace's, so a diagnosis).
+fn tcp_ext(name: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    if lines.len() < 2 {
+        return 0;
+    }
+    let names = lines[0].split_whitespace();
+    let values = lines[1].split_whitespace();
+    names
+        .zip(values)
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
@@ -858,6 +874,8 @@ fn two_thousand_execs_at_once_across_100_sandboxes() {
     let ids: Vec<String> = (0..100).map(|_| d.create(json!({}))).collect();
     let barrier = Arc::new(Barrier::new(THREADS));
     let agent = client(180);
+    let overflows_before = tcp_ext("ListenOverflows");
+    let cookies_failed_before = tcp_ext("SyncookiesFailed");
     let t0 = Instant::now();
     let threads: Vec<_> = (0..THREADS)
         .map(|t| {
@@ -904,23 +922,21 @@ fn two_thousand_execs_at_once_across_100_sandboxes() {
     watching.store(false, Ordering::Relaxed);
     watcher.join().unwrap();
     let took = t0.elapsed();
-    let log = d.log();
+    let peak = peak_fds.load(Ordering::Relaxed);
+    let overflows = tcp_ext("ListenOverflows") - overflows_before;
+    let cookies_failed = tcp_ext("SyncookiesFailed") - cookies_failed_before;
     eprintln!(
-        "{THREADS} execs at once: {} failed, {took:?}, daemon peak {} fds",
-        bad.len(),
-        peak_fds.load(Ordering::Relaxed)
+        "{THREADS} execs at once: {} failed, {took:?}, daemon peak {peak} fds, \
+         {overflows} listen overflows, {cookies_failed} failed SYN cookies",
+        bad.len()
     );
-    assert!(
-        bad.is_empty(),
-        "{} of {THREADS} execs failed, e.g. {:?}; daemon log tail: {}",
+    // The verdict on the burst comes last, after the leak checks have run.
+    let verdict = format!(
+        "{} of {THREADS} execs failed (daemon peak {peak} fds against a soft limit of 1024; \
+         {overflows} accept-queue overflows and {cookies_failed} failed SYN cookies in this \
+         network namespace meanwhile), e.g. {:?}",
         bad.len(),
-        &bad[..bad.len().min(5)],
-        &log[log.len().saturating_sub(2000)..]
-    );
-    assert!(
-        !log.contains("Too many open files"),
-        "the daemon ran out of fds: {}",
-        &log[log.len().saturating_sub(2000)..]
+        &bad[..bad.len().min(5)]
     );
     for id in &ids {
         assert_eq!(d.api("DELETE", &path(id, ""), None).status, 204);
@@ -950,8 +966,9 @@ fn two_thousand_execs_at_once_across_100_sandboxes() {
         .iter()
         .filter(|e| e["kind"] == "exec_finished")
         .count();
-    assert_eq!(n, THREADS);
+    assert_eq!(n, THREADS - bad.len(), "an exec_finished event for each exec that ran");
     healthy(&d);
+    assert!(bad.is_empty(), "{verdict}");
 }
 
 // ---------------------------------------------------------------------------------------------
