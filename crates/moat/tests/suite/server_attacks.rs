@@ -68,7 +68,9 @@ fn is_api_error(a: &Answer) -> bool {
     let v: Value = serde_json::from_slice(&a.body).unwrap_or(Value::Null);
     a.status >= 400
         && v["error"]["code"].as_str().is_some_and(|c| !c.is_empty())
-        && v["error"]["message"].as_str().is_some_and(|m| !m.is_empty())
+        && v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
 }
 
 fn events(d: &Daemon) -> Vec<Value> {
@@ -223,7 +225,11 @@ fn symlink_swaps_racing_reads_and_writes_stay_in_the_sandbox() {
     ];
     let mut argv = vec!["/work/bin/swapper".to_string()];
     argv.extend(targets.iter().cloned());
-    let p = d.api("POST", &path(&id, "/processes"), Some(json!({ "cmd": argv })));
+    let p = d.api(
+        "POST",
+        &path(&id, "/processes"),
+        Some(json!({ "cmd": argv })),
+    );
     assert_eq!(p.status, 201, "{}", p.text());
     let spid = p.json()["pid"].as_u64().unwrap();
     // The loop is running before the race starts.
@@ -301,14 +307,24 @@ fn symlink_swaps_racing_reads_and_writes_stay_in_the_sandbox() {
     );
     assert_eq!(s.status, 200, "the swapper was still running: {}", s.text());
 
+    let host_secrets = [
+        d.key.clone(),
+        std::fs::read_to_string("/root/.bashrc").unwrap_or_else(|_| d.key.clone()),
+    ];
     let mut kinds: BTreeMap<Got, usize> = BTreeMap::new();
     let mut bad = Vec::new();
     for a in &gets {
         let text = a.text();
-        for secret in [&d.key] {
-            assert!(!text.contains(secret.as_str()), "a GET returned the admin key");
+        for secret in &host_secrets {
+            assert!(
+                !text.contains(secret.as_str()),
+                "a GET returned a host file's content: {secret}"
+            );
         }
-        assert!(a.body != host_passwd, "a GET returned the host's /etc/passwd");
+        assert!(
+            a.body != host_passwd,
+            "a GET returned the host's /etc/passwd"
+        );
         for kv in &host_env_values {
             assert!(!text.contains(kv.as_str()), "a GET returned {kv}");
         }
@@ -346,7 +362,10 @@ fn symlink_swaps_racing_reads_and_writes_stay_in_the_sandbox() {
     let after: Vec<_> = watched.iter().map(|p| host_file(p)).collect();
     assert_eq!(before, after, "a host path changed: {watched:?}");
     // The sandbox's own files are as they were, and the daemon serves.
-    let r = d.sh(&id, "grep -c user:x:1000 /etc/passwd; ls -a /work | grep -c moat-write");
+    let r = d.sh(
+        &id,
+        "grep -c user:x:1000 /etc/passwd; ls -a /work | grep -c moat-write",
+    );
     assert_eq!(r["stdout"], "1\n0\n", "{r}");
     healthy(&d);
     assert_eq!(d.sh(&id, "echo ok")["stdout"], "ok\n");
@@ -482,7 +501,10 @@ fn one_gib_round_trip_is_streamed() {
             break;
         }
         want.read_exact(&mut want_buf[..n]).unwrap_or_else(|_| {
-            panic!("the download is longer than the upload ({} bytes)", total + n as u64)
+            panic!(
+                "the download is longer than the upload ({} bytes)",
+                total + n as u64
+            )
         });
         if got_buf[..n] != want_buf[..n] {
             let at = (0..n).find(|&i| got_buf[i] != want_buf[i]).unwrap();
@@ -520,7 +542,10 @@ fn one_gib_round_trip_is_streamed() {
         Some(want_sum.as_str()),
         "{out}"
     );
-    assert_eq!(d.sh(&id, "ls -a /work | grep -c moat-write || true")["stdout"], "0\n");
+    assert_eq!(
+        d.sh(&id, "ls -a /work | grep -c moat-write || true")["stdout"],
+        "0\n"
+    );
     healthy(&d);
 }
 
@@ -570,7 +595,11 @@ fn forty_concurrent_uploads_to_one_sandbox() {
     let t0 = Instant::now();
     let threads: Vec<_> = (0..N)
         .map(|i| {
-            let url = format!("{}{}", d.url, path(&id, &format!("/files?path=/work/up-{i}")));
+            let url = format!(
+                "{}{}",
+                d.url,
+                path(&id, &format!("/files?path=/work/up-{i}"))
+            );
             let auth = format!("Bearer {}", d.key);
             let barrier = barrier.clone();
             let release = release.clone();
@@ -637,7 +666,10 @@ fn forty_concurrent_uploads_to_one_sandbox() {
         peak_fds >= fds_idle + N,
         "only {peak_fds} daemon fds (idle {fds_idle}): the uploads were not in flight at once"
     );
-    assert!(bad.is_empty(), "uploads that hung or got no clear answer: {bad:?}");
+    assert!(
+        bad.is_empty(),
+        "uploads that hung or got no clear answer: {bad:?}"
+    );
     assert!(!ok.is_empty(), "no upload went through");
     // What succeeded is there, whole; what was refused left nothing, not even a temp file.
     let start = Instant::now();
@@ -649,15 +681,24 @@ fn forty_concurrent_uploads_to_one_sandbox() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert!(!listing.contains(".moat-write"), "temp files left: {listing}");
+    assert!(
+        !listing.contains(".moat-write"),
+        "temp files left: {listing}"
+    );
     for i in 0..N {
         let name = format!("up-{i}");
         let there = listing.lines().any(|l| l == name);
         assert_eq!(there, ok.contains(&i), "{name}: {listing}");
     }
-    let sizes = d.sh(&id, "cd /work && for f in up-*; do wc -c < $f; done | sort -u");
+    let sizes = d.sh(
+        &id,
+        "cd /work && for f in up-*; do wc -c < $f; done | sort -u",
+    );
     assert_eq!(sizes["stdout"], format!("{SIZE}\n"));
-    let sum = d.sh(&id, "cd /work && for f in up-*; do od -An -tu1 -N1 $f; done | wc -l");
+    let sum = d.sh(
+        &id,
+        "cd /work && for f in up-*; do od -An -tu1 -N1 $f; done | wc -l",
+    );
     assert_eq!(sum["stdout"], format!("{}\n", ok.len()));
     // The sandbox and the daemon serve normally afterwards.
     let a = d.call(
@@ -714,7 +755,8 @@ fn kill_9_under_load_loses_no_acknowledged_event() {
                     };
                     if t % 2 == 0 {
                         let marker = format!("mk-{t}-{i}");
-                        let req = json!({"cmd": ["sh", "-c", format!("sleep 0.05; echo {marker}")]});
+                        let req =
+                            json!({"cmd": ["sh", "-c", format!("sleep 0.05; echo {marker}")]});
                         let r = try_call(
                             &agent,
                             "POST",
@@ -813,7 +855,10 @@ fn kill_9_under_load_loses_no_acknowledged_event() {
         match a {
             Done::Exec { marker } => {
                 n_exec += 1;
-                assert!(markers.contains(marker), "exec {marker} answered 200, no event");
+                assert!(
+                    markers.contains(marker),
+                    "exec {marker} answered 200, no event"
+                );
             }
             Done::Upload { path } => {
                 n_up += 1;
@@ -966,7 +1011,11 @@ fn two_thousand_execs_at_once_across_100_sandboxes() {
         .iter()
         .filter(|e| e["kind"] == "exec_finished")
         .count();
-    assert_eq!(n, THREADS - bad.len(), "an exec_finished event for each exec that ran");
+    assert_eq!(
+        n,
+        THREADS - bad.len(),
+        "an exec_finished event for each exec that ran"
+    );
     healthy(&d);
     assert!(bad.is_empty(), "{verdict}");
 }
@@ -996,7 +1045,11 @@ fn the_sandbox_cannot_reach_the_daemon_or_the_agent_socket() {
         })
         .map(|e| e.path().display().to_string())
         .collect();
-    assert!(!socks.is_empty(), "no agent socket in {}", sbx_dir.display());
+    assert!(
+        !socks.is_empty(),
+        "no agent socket in {}",
+        sbx_dir.display()
+    );
     let host_ip = std::process::Command::new("hostname")
         .arg("-I")
         .output()
@@ -1068,7 +1121,9 @@ for p in {socks:?}:
     let state = d.state.display().to_string();
     let mut script = format!("test -e '{state}' && echo STATE; ");
     for s in &socks {
-        script.push_str(&format!("test -e '{s}' && echo SOCK; grep -c '{s}' /proc/net/unix; "));
+        script.push_str(&format!(
+            "test -e '{s}' && echo SOCK; grep -c '{s}' /proc/net/unix; "
+        ));
     }
     script.push_str(
         "ls /proc/1/fd >/dev/null 2>/tmp/e1 || sed 's/.*: //' /tmp/e1; \
@@ -1078,10 +1133,7 @@ for p in {socks:?}:
     let r = d.sh(&id, &script);
     let out = r["stdout"].as_str().unwrap().to_string();
     let lines: Vec<&str> = out.lines().collect();
-    let mut expect = vec![];
-    for _ in &socks {
-        expect.push("0");
-    }
+    let mut expect = vec!["0"; socks.len()];
     expect.push("Permission denied");
     expect.push("0");
     assert!(lines.len() == expect.len() + 1, "{r}");
@@ -1104,19 +1156,43 @@ fn routes(id: &str) -> Vec<(&'static str, String, Option<Vec<u8>>)> {
         ("POST", path(id, "/resume"), None),
         ("GET", path(id, "/metrics"), None),
         ("GET", path(id, "/events"), None),
-        ("POST", path(id, "/exec"), j(json!({"cmd": ["touch", "/work/pwned"]}))),
+        (
+            "POST",
+            path(id, "/exec"),
+            j(json!({"cmd": ["touch", "/work/pwned"]})),
+        ),
         ("GET", path(id, "/exec/ws"), None),
-        ("POST", path(id, "/processes"), j(json!({"cmd": ["touch", "/work/pwned"]}))),
+        (
+            "POST",
+            path(id, "/processes"),
+            j(json!({"cmd": ["touch", "/work/pwned"]})),
+        ),
         ("GET", path(id, "/processes"), None),
-        ("POST", path(id, "/processes/PID/signal"), j(json!({"signal": 9}))),
+        (
+            "POST",
+            path(id, "/processes/PID/signal"),
+            j(json!({"signal": 9})),
+        ),
         ("GET", path(id, "/processes/PID/output"), None),
-        ("POST", path(id, "/processes/PID/stdin"), Some(b"x".to_vec())),
+        (
+            "POST",
+            path(id, "/processes/PID/stdin"),
+            Some(b"x".to_vec()),
+        ),
         ("GET", path(id, "/files?path=/work/secret"), None),
-        ("PUT", path(id, "/files?path=/work/pwned"), Some(b"x".to_vec())),
+        (
+            "PUT",
+            path(id, "/files?path=/work/pwned"),
+            Some(b"x".to_vec()),
+        ),
         ("DELETE", path(id, "/files?path=/work/secret"), None),
         ("GET", path(id, "/files/list?path=/work"), None),
         ("GET", path(id, "/files/stat?path=/work/secret"), None),
-        ("POST", path(id, "/files/mkdir"), j(json!({"path": "/work/pwned"}))),
+        (
+            "POST",
+            path(id, "/files/mkdir"),
+            j(json!({"path": "/work/pwned"})),
+        ),
         (
             "POST",
             path(id, "/files/move"),
@@ -1221,8 +1297,14 @@ fn bad_credentials_and_foreign_ids_get_uniform_answers_everywhere() {
     let live_token = t.json()["token"].as_str().unwrap().to_string();
     // The expired token worked while it was valid.
     assert_eq!(
-        d.call("GET", &path(&ida, "/files?path=/work/secret"), Some(&expired), None, &[])
-            .text(),
+        d.call(
+            "GET",
+            &path(&ida, "/files?path=/work/secret"),
+            Some(&expired),
+            None,
+            &[]
+        )
+        .text(),
         "alice's secret"
     );
     // Carol's key is revoked.
@@ -1313,7 +1395,11 @@ fn bad_credentials_and_foreign_ids_get_uniform_answers_everywhere() {
                 Some(key),
                 m,
                 &p.replace(target, missing),
-                &body.map(|b| String::from_utf8_lossy(&b).replace(target, missing).into_bytes()),
+                &body.map(|b| {
+                    String::from_utf8_lossy(&b)
+                        .replace(target, missing)
+                        .into_bytes()
+                }),
             );
             // 404, byte for byte what a missing id gets; a scoped token's 403 for what no
             // token may do, and the plain GET of the WebSocket route (400: no upgrade), come
@@ -1352,29 +1438,34 @@ fn bad_credentials_and_foreign_ids_get_uniform_answers_everywhere() {
         Some(json!({"shell": "cat /work/secret; ls /work"})),
     );
     assert_eq!(r.json()["stdout"], "alice's secretsecret\n");
-    let procs = d.api_as(&alice, "GET", &path(&ida, "/processes"), None).json();
+    let procs = d
+        .api_as(&alice, "GET", &path(&ida, "/processes"), None)
+        .json();
     assert!(
         procs["processes"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|p| p["pid"].as_u64().map(|p| p.to_string()) == Some(apid.clone())
-                && p["running"] == true),
+            .any(
+                |p| p["pid"].as_u64().map(|p| p.to_string()) == Some(apid.clone())
+                    && p["running"] == true
+            ),
         "{procs}"
     );
-    for key in [&bob] {
-        let ev = d.api_as(key, "GET", "/v1/events?limit=10000", None).json();
-        assert!(
-            ev["events"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|e| e["sandbox_id"] != ida.as_str() && !e.to_string().contains(&ida)),
-            "bob's events show alice's sandbox"
-        );
-    }
+    let ev = d.api_as(&bob, "GET", "/v1/events?limit=10000", None).json();
+    assert!(
+        ev["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["sandbox_id"] != ida.as_str() && !e.to_string().contains(&ida)),
+        "bob's events show alice's sandbox"
+    );
     let m = d.call("GET", "/metrics", None, None, &[]).text();
-    assert!(!m.contains(&ida), "the unauthenticated /metrics names a sandbox");
+    assert!(
+        !m.contains(&ida),
+        "the unauthenticated /metrics names a sandbox"
+    );
     healthy(&d);
     assert!(oracles.is_empty(), "existence oracles: {oracles:#?}");
 }
