@@ -566,34 +566,73 @@ fn one_gib_round_trip_is_streamed() {
 // ---------------------------------------------------------------------------------------------
 // 3. More uploads at once than the agent takes connections.
 
-/// An upload body that sends its first 64 KiB, then holds until `release` (at most 20 s),
-/// then the rest: every upload is in flight at the same time.
-struct HeldBody {
+/// A raw HTTP/1.1 PUT of `size` bytes of `fill` to `target`: it sends the first 64 KiB, holds
+/// until `release` (at most 20 s) so that every upload is in flight at once, looks whether the
+/// daemon already answered (an early refusal), and if not sends the rest. The answer is read
+/// whatever became of the body.
+fn held_put(
+    port: u16,
+    target: &str,
+    key: &str,
     fill: u8,
-    left: usize,
-    sent: usize,
-    release: Arc<AtomicBool>,
-}
-
-impl Read for HeldBody {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.sent >= 64 << 10 {
-            let t = Instant::now();
-            while !self.release.load(Ordering::Relaxed) && t.elapsed() < Duration::from_secs(20) {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        let cap = if self.sent < 64 << 10 {
-            (64 << 10) - self.sent
-        } else {
-            usize::MAX
-        };
-        let n = buf.len().min(self.left).min(cap);
-        buf[..n].fill(self.fill);
-        self.left -= n;
-        self.sent += n;
-        Ok(n)
+    size: usize,
+    release: &AtomicBool,
+) -> Result<Answer, String> {
+    const FIRST: usize = 64 << 10;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+    let head = format!(
+        "PUT {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+         Content-Length: {size}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(head.as_bytes())
+        .and_then(|()| s.write_all(&vec![fill; FIRST]))
+        .map_err(|e| format!("send the head: {e}"))?;
+    let t = Instant::now();
+    while !release.load(Ordering::Relaxed) && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(10));
     }
+    s.set_nonblocking(true).unwrap();
+    let early = matches!(s.peek(&mut [0u8; 1]), Ok(n) if n > 0);
+    s.set_nonblocking(false).unwrap();
+    let mut body_error = None;
+    if !early {
+        let chunk = vec![fill; 256 << 10];
+        let mut left = size - FIRST;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if let Err(e) = s.write_all(&chunk[..n]) {
+                body_error = Some(e.to_string());
+                break;
+            }
+            left -= n;
+        }
+    }
+    let mut resp = Vec::new();
+    let mut buf = [0u8; 16 << 10];
+    let read_error = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(n) => resp.extend_from_slice(&buf[..n]),
+            Err(e) => break Some(e.to_string()),
+        }
+    };
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return Err(format!(
+            "no answer (early: {early}, body: {body_error:?}, read: {read_error:?}): {text:?}"
+        ));
+    };
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status line: {head:?}"))?;
+    Ok(Answer {
+        status,
+        body: body.as_bytes().to_vec(),
+    })
 }
 
 #[test]
@@ -611,36 +650,15 @@ fn more_concurrent_uploads_than_the_agent_takes_connections() {
     let t0 = Instant::now();
     let threads: Vec<_> = (0..N)
         .map(|i| {
-            let url = format!(
-                "{}{}",
-                d.url,
-                path(&id, &format!("/files?path=/work/up-{i}"))
-            );
-            let auth = format!("Bearer {}", d.key);
+            let target = path(&id, &format!("/files?path=/work/up-{i}"));
+            let key = d.key.clone();
+            let port = d.port;
             let barrier = barrier.clone();
             let release = release.clone();
             std::thread::spawn(move || {
-                let agent = client(60);
-                let mut body = HeldBody {
-                    fill: i as u8,
-                    left: SIZE,
-                    sent: 0,
-                    release,
-                };
                 barrier.wait();
                 let t = Instant::now();
-                let a = agent
-                    .put(&url)
-                    .header("Authorization", &auth)
-                    .send(ureq::SendBody::from_reader(&mut body))
-                    .map_err(|e| e.to_string())
-                    .and_then(|mut r| {
-                        let status = r.status().as_u16();
-                        r.body_mut()
-                            .read_to_vec()
-                            .map(|body| Answer { status, body })
-                            .map_err(|e| e.to_string())
-                    });
+                let a = held_put(port, &target, &key, i as u8, SIZE, &release);
                 (i, a, t.elapsed())
             })
         })
