@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Most host connections served at once; more are closed as soon as they are accepted.
-pub const MAX_CONNS: usize = 16;
+pub const MAX_CONNS: usize = 64;
 /// Finished background processes remembered (the most recent ones).
 pub const MAX_FINISHED: usize = 256;
 /// Most retained output kept for finished background processes together; the oldest are

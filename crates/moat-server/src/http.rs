@@ -557,6 +557,18 @@ async fn sandbox_events(
             if caller.is_token() {
                 return Err(ApiError::no_sandbox(&id));
             }
+            // A gone sandbox's events are its owner's; for anyone else the id is as unknown
+            // as one that never existed (the same 404 a live foreign sandbox gets).
+            let probe = EventFilter {
+                sandbox_id: Some(id.clone()),
+                since_seq: None,
+                kinds: Vec::new(),
+                owner_key: (!caller.is_admin()).then(|| caller.key_id().clone()),
+                limit: Some(1),
+            };
+            if db(&app, move |s| s.events(&probe)).await?.is_empty() {
+                return Err(ApiError::no_sandbox(&id));
+            }
         }
     }
     events(app, caller, Some(id), q).await

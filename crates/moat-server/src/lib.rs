@@ -70,6 +70,8 @@ pub fn default_state_dir() -> PathBuf {
 /// Runs the daemon until SIGINT or SIGTERM. Must be called while the process is still
 /// single-threaded: it forks the spawner before it starts any thread.
 pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
+    // Many clients and agent connections at once: take the whole fd allowance.
+    let _ = moat_sys::process::raise_nofile();
     let spawner = moat_backend::spawner::Spawner::start().map_err(ServeError::Spawner)?;
     let state_err = |message: String| ServeError::StateDir {
         path: cfg.state_dir.clone(),
@@ -109,9 +111,19 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
 
 async fn run(app: Arc<app::App>) -> Result<(), ServeError> {
     let addr = app.cfg.listen;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Listen { addr, source })?;
+    // A deep accept queue: a burst of clients (thousands of execs at once) must not overflow
+    // the default backlog of 1024 into SYN cookies and resets.
+    let listener = (|| {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(4096)
+    })()
+    .map_err(|source| ServeError::Listen { addr, source })?;
     let attached = app.reattach().await.map_err(ServeError::Runtime)?;
     let local = listener.local_addr().unwrap_or(addr);
     eprintln!(
@@ -129,23 +141,36 @@ async fn run(app: Arc<app::App>) -> Result<(), ServeError> {
         })
     };
     let router = http::router(app.clone());
-    let shutdown = async {
+    // SIGINT/SIGTERM: stop accepting, give requests in flight a moment (a followed event
+    // stream never ends by itself), then stop.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
+        if let (Ok(mut term), Ok(mut int)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
-        ) else {
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        ) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            let _ = stop_tx.send(true);
         }
-    };
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| ServeError::Runtime(format!("HTTP server: {e}")))?;
+    });
+    let mut graceful = stop_rx.clone();
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+        let _ = graceful.wait_for(|stop| *stop).await;
+    });
+    let mut grace = stop_rx;
+    tokio::select! {
+        served = server => {
+            served.map_err(|e| ServeError::Runtime(format!("HTTP server: {e}")))?;
+        }
+        _ = async {
+            let _ = grace.wait_for(|stop| *stop).await;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        } => {}
+    }
     reaper.abort();
     // Sandboxes keep running: a new daemon re-attaches to them.
     eprintln!("moat: stopped; sandboxes keep running until they expire or a daemon deletes them");
