@@ -680,6 +680,17 @@ impl Store {
         Ok(store)
     }
 
+    /// Stops fsyncing this connection's commits (`synchronous=NORMAL`): each commit still
+    /// survives `kill -9` of the process (it is in the WAL, in the OS's page cache), but the
+    /// last ones may be lost at a power cut. For the daemon's registry writes (sandbox
+    /// records, tokens), which describe sandboxes that a power cut kills anyway; the audit
+    /// log keeps a connection of its own at `FULL`.
+    pub fn relax_durability(&self) -> Result<()> {
+        self.conn
+            .execute_batch("PRAGMA synchronous = NORMAL;")
+            .map_err(sql("relaxing the registry connection's durability"))
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path

@@ -127,6 +127,35 @@ pub struct App {
     pub sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
     pub spawner: Mutex<Spawner>,
     pub counters: Counters,
+    pub cleaner: Cleaner,
+}
+
+/// Removes destroyed sandboxes' cgroups on a thread of its own, off the request path, one
+/// at a time.
+#[derive(Clone)]
+pub struct Cleaner {
+    tx: std::sync::mpsc::Sender<RuntimeInfo>,
+}
+
+impl Cleaner {
+    pub fn start() -> std::io::Result<Cleaner> {
+        let (tx, rx) = std::sync::mpsc::channel::<RuntimeInfo>();
+        std::thread::Builder::new()
+            .name("moat-cleaner".into())
+            .spawn(move || {
+                while let Ok(rt) = rx.recv() {
+                    remove_cgroup(&rt);
+                }
+            })?;
+        Ok(Cleaner { tx })
+    }
+
+    /// Queues the removal of a dead sandbox's cgroup; done at once if the thread is gone.
+    pub fn remove(&self, rt: RuntimeInfo) {
+        if let Err(std::sync::mpsc::SendError(rt)) = self.tx.send(rt) {
+            remove_cgroup(&rt);
+        }
+    }
 }
 
 /// Who is calling, as checked against the registry.
@@ -397,27 +426,20 @@ impl App {
         if self.sandbox(&sbx.id).is_none() {
             return Ok(());
         }
+        // A daemon that dies from here on finds the record with a dead init at its next
+        // start and cleans up then.
         sbx.set_state(SandboxState::Stopping);
-        {
-            let id = sbx.id.clone();
-            let _ = db(self, move |s| {
-                s.set_state(
-                    &id,
-                    &[
-                        SandboxState::Running,
-                        SandboxState::Paused,
-                        SandboxState::Creating,
-                    ],
-                    SandboxState::Stopping,
-                )
-            })
-            .await;
-        }
         let runtime = sbx.runtime.clone();
         let dir = self.sandbox_dir(&sbx.id);
+        let cleaner = self.cleaner.clone();
         tokio::task::spawn_blocking(move || {
-            kill_runtime(&runtime);
+            // Synchronously: init is dead (and with it, by the kernel, everything in its pid
+            // namespace) and its socket gone before the call is answered.
+            kill_init(&runtime);
             let _ = std::fs::remove_dir_all(&dir);
+            // Off the request path: the cgroup, which the kernel releases only once every
+            // task has exited (a stale one is also swept by the next sandbox's start).
+            cleaner.remove(runtime);
         })
         .await
         .map_err(|e| ApiError::internal(format!("destroy task: {e}")))?;
@@ -656,9 +678,19 @@ fn with_cgroup<T>(paths: &[PathBuf], f: impl FnOnce(&Cgroup) -> T) -> Option<T> 
 /// Kills a sandbox's init and everything left in its cgroup, then removes the cgroup; safe
 /// to call for a sandbox already gone.
 fn kill_runtime(rt: &RuntimeInfo) {
-    // A frozen sandbox cannot die: thaw it first.
+    kill_init(rt);
+    remove_cgroup(rt);
+}
+
+/// Kills a sandbox's init and waits until it is gone (the kernel then kills the rest of its
+/// pid namespace); thaws a paused sandbox first, since frozen tasks cannot die.
+fn kill_init(rt: &RuntimeInfo) {
     with_cgroup(&rt.cgroup_paths, |cg| cg.thaw());
     let _ = moat_backend::native::destroy(rt.init_pid, rt.init_start_time);
+}
+
+/// Kills whatever is left in a sandbox's cgroup and removes it.
+fn remove_cgroup(rt: &RuntimeInfo) {
     if !rt.cgroup_paths.is_empty() {
         if let Ok(mut cg) = Cgroup::open(rt.cgroup_paths.clone()) {
             let _ = cg.kill_all();

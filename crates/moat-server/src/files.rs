@@ -123,31 +123,56 @@ pub async fn read(
 
 pub async fn write(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    caller: Result<Caller, ApiError>,
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
     body: Body,
 ) -> ApiResult<Json<Value>> {
-    check_path("path", &q.path)?;
-    let mode = match &q.mode {
-        None => None,
-        Some(m) => Some(
-            u32::from_str_radix(m.trim_start_matches("0o"), 8)
-                .ok()
-                .filter(|m| *m <= 0o7777)
-                .ok_or_else(|| ApiError::bad_request("mode is octal permission bits, e.g. 0644"))?,
-        ),
+    let opened = async {
+        let caller = caller?;
+        check_path("path", &q.path)?;
+        let mode = match &q.mode {
+            None => None,
+            Some(m) => Some(
+                u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                    .ok()
+                    .filter(|m| *m <= 0o7777)
+                    .ok_or_else(|| {
+                        ApiError::bad_request("mode is octal permission bits, e.g. 0644")
+                    })?,
+            ),
+        };
+        let sbx = files_sandbox(&app, &caller, &id, Scope::FilesWrite).await?;
+        let agent = sbx.dedicated().await?;
+        let file = agent.write_file(&q.path, mode, true).await?;
+        Ok::<_, ApiError>((caller, agent, file))
+    }
+    .await;
+    let (caller, _agent, mut file) = match opened {
+        Ok(o) => o,
+        Err(e) => return Err(crate::http::refuse_upload(e, body).await),
     };
-    let sbx = files_sandbox(&app, &caller, &id, Scope::FilesWrite).await?;
-    let agent = sbx.dedicated().await?;
-    let mut file = agent.write_file(&q.path, mode, true).await?;
     let mut stream = body.into_data_stream();
     let mut sent: u64 = 0;
     while let Some(chunk) = stream.next().await {
         let chunk =
             chunk.map_err(|e| ApiError::bad_request(format!("the upload was cut off: {e}")))?;
         sent += chunk.len() as u64;
-        file.write(chunk).await?;
+        if let Err(e) = file.write(chunk).await {
+            // The sandbox refused the rest (full, say): read what the client is still
+            // sending, within bounds, so that it gets this answer rather than a reset.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                let mut drained = 0usize;
+                while let Some(Ok(c)) = stream.next().await {
+                    drained += c.len();
+                    if drained > 256 << 20 {
+                        break;
+                    }
+                }
+            })
+            .await;
+            return Err(e.into());
+        }
     }
     let bytes = file.finish().await?;
     if bytes != sent {

@@ -172,6 +172,22 @@ pub async fn small_body(body: Body) -> ApiResult<Bytes> {
     })
 }
 
+/// Answers an upload refused before its body was read. A small body is read (and dropped)
+/// first, bounded in size and time: a client still sending it would otherwise see the
+/// connection reset instead of the answer.
+pub async fn refuse_upload(e: ApiError, body: Body) -> ApiError {
+    use axum::body::HttpBody;
+    const DRAIN: u64 = 1 << 20;
+    if body.size_hint().upper().is_none_or(|n| n <= DRAIN) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            axum::body::to_bytes(body, DRAIN as usize),
+        )
+        .await;
+    }
+    e
+}
+
 /// Query parameters as given, for the routes with a free-form filter.
 pub type RawQuery = Query<Vec<(String, String)>>;
 

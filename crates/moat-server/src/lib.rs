@@ -92,7 +92,14 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         }
         Err(e) => return Err(state_err(e.to_string())),
     }
+    // Registry writes need not be fsynced (see Store::relax_durability); audit events are,
+    // on the writer's own connection.
+    store
+        .relax_durability()
+        .map_err(|e| state_err(e.to_string()))?;
     let events = events::EventLog::start(&cfg.state_dir).map_err(state_err)?;
+    let cleaner = app::Cleaner::start()
+        .map_err(|e| ServeError::Runtime(format!("cannot start the cleanup thread: {e}")))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("moat-serve")
@@ -105,6 +112,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         sandboxes: RwLock::new(Default::default()),
         spawner: Mutex::new(spawner),
         counters: Default::default(),
+        cleaner,
     });
     runtime.block_on(run(app))
 }

@@ -1257,3 +1257,18 @@ fn append_events_commits_a_batch_in_order() {
     assert_eq!(ts, vec![10, 11, 12, 13, 14]);
     assert!(store.append_events(&[]).unwrap().is_empty());
 }
+
+#[test]
+fn relax_durability_sets_synchronous_normal_on_that_connection_only() {
+    let dir = TempDir::new("relax");
+    let relaxed = Store::open(dir.path()).unwrap();
+    let strict = Store::open(dir.path()).unwrap();
+    relaxed.relax_durability().unwrap();
+    let level = |s: &Store| -> i64 {
+        s.conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(level(&relaxed), 1, "NORMAL");
+    assert_eq!(level(&strict), 2, "FULL");
+}

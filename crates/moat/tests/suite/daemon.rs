@@ -269,6 +269,28 @@ impl Daemon {
     pub fn fence_dirs(&self) -> Vec<PathBuf> {
         self.fence.paths()
     }
+
+    /// Sandbox cgroups still under the fence, once the daemon's off-path cleanup had up to
+    /// `within` to remove them.
+    pub fn cgroups_left(&self, within: Duration) -> Vec<PathBuf> {
+        let start = Instant::now();
+        loop {
+            let mut left = Vec::new();
+            for dir in self.fence.paths() {
+                if let Ok(rd) = std::fs::read_dir(&dir) {
+                    for e in rd.flatten() {
+                        if e.path().is_dir() {
+                            left.push(e.path());
+                        }
+                    }
+                }
+            }
+            if left.is_empty() || start.elapsed() > within {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 fn answer(resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Answer {

@@ -1127,14 +1127,7 @@ fn load_100_sandboxes_2000_concurrent_execs() {
         assert_eq!(d.api("DELETE", &path(id, ""), None).status, 204);
     }
     // Nothing leaked: no sandbox cgroup, no agent socket, the daemon's fds back to a few.
-    let mut leftover = Vec::new();
-    for dir in d.fence_dirs() {
-        for e in std::fs::read_dir(&dir).unwrap().flatten() {
-            if e.path().is_dir() {
-                leftover.push(e.path());
-            }
-        }
-    }
+    let leftover = d.cgroups_left(Duration::from_secs(5));
     assert!(leftover.is_empty(), "cgroups left: {leftover:?}");
     let socks = std::fs::read_dir(d.state.join("sandboxes"))
         .map(|r| r.count())

@@ -1024,14 +1024,7 @@ fn two_thousand_execs_at_once_across_100_sandboxes() {
     for id in &ids {
         assert_eq!(d.api("DELETE", &path(id, ""), None).status, 204);
     }
-    let mut leftover = Vec::new();
-    for dir in d.fence_dirs() {
-        for e in std::fs::read_dir(&dir).unwrap().flatten() {
-            if e.path().is_dir() {
-                leftover.push(e.path());
-            }
-        }
-    }
+    let leftover = d.cgroups_left(Duration::from_secs(5));
     assert!(leftover.is_empty(), "cgroups left: {leftover:?}");
     let socks = std::fs::read_dir(d.state.join("sandboxes"))
         .map(|r| r.count())
