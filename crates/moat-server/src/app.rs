@@ -125,9 +125,47 @@ pub struct App {
     pub db: Mutex<Store>,
     pub events: EventLog,
     pub sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
-    pub spawner: Mutex<Spawner>,
+    pub spawners: Spawners,
     pub counters: Counters,
     pub cleaner: Cleaner,
+}
+
+/// The spawner processes (single-threaded, forked before the runtime started): one per CPU,
+/// so that sandboxes start in parallel; a create takes the first free one.
+pub struct Spawners {
+    pool: Vec<Mutex<Spawner>>,
+    next: AtomicU64,
+}
+
+impl Spawners {
+    pub fn new(pool: Vec<Spawner>) -> Spawners {
+        Spawners {
+            pool: pool.into_iter().map(Mutex::new).collect(),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    /// Starts a sandbox on a free spawner (blocking).
+    pub fn spawn(
+        &self,
+        policy_json: &Value,
+        socket: &Path,
+    ) -> Result<moat_backend::Spawned, String> {
+        let n = self.pool.len();
+        if n == 0 {
+            return Err("no spawner is running".into());
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) as usize;
+        for i in 0..n {
+            if let Ok(mut s) = self.pool[(start + i) % n].try_lock() {
+                return s.spawn(policy_json, socket);
+            }
+        }
+        let mut s = self.pool[start % n]
+            .lock()
+            .map_err(|_| "the spawner lock is poisoned".to_string())?;
+        s.spawn(policy_json, socket)
+    }
 }
 
 /// Removes destroyed sandboxes' cgroups on a thread of its own, off the request path, one
@@ -333,11 +371,7 @@ impl App {
             let policy_json = policy_json.clone();
             tokio::task::spawn_blocking(move || -> Result<_, String> {
                 make_private_dir(&dir)?;
-                let mut spawner = app
-                    .spawner
-                    .lock()
-                    .map_err(|_| "the spawner lock is poisoned".to_string())?;
-                spawner.spawn(&policy_json, &socket)
+                app.spawners.spawn(&policy_json, &socket)
             })
             .await
             .map_err(|e| ApiError::internal(format!("spawn task: {e}")))?

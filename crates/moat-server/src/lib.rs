@@ -2,8 +2,8 @@
 //! the audit log's group-commit writer ([`events`]) and the host side of the agent protocol
 //! ([`agent_client`]).
 //!
-//! Process model: [`serve`] first forks the spawner (a single-threaded process that creates
-//! every sandbox: nothing is forked from the async runtime), then starts tokio. Each sandbox's
+//! Process model: [`serve`] first forks the spawners (single-threaded processes, one per CPU, that
+//! create every sandbox: nothing is forked from the async runtime), then starts tokio. Each sandbox's
 //! init is moat's agent, listening on `STATE_DIR/sandboxes/ID/agent.sock`; sandboxes outlive the
 //! daemon, and a new daemon re-attaches to them from the registry.
 
@@ -15,6 +15,7 @@ pub mod events;
 mod exec;
 mod files;
 pub mod http;
+pub mod mcp;
 mod openapi;
 
 use std::net::SocketAddr;
@@ -72,7 +73,12 @@ pub fn default_state_dir() -> PathBuf {
 pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     // Many clients and agent connections at once: take the whole fd allowance.
     let _ = moat_sys::process::raise_nofile();
-    let spawner = moat_backend::spawner::Spawner::start().map_err(ServeError::Spawner)?;
+    // One spawner per CPU (at most 4), all forked now, while the process is single-threaded.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let mut spawners = Vec::with_capacity(cpus);
+    for _ in 0..cpus {
+        spawners.push(moat_backend::spawner::Spawner::start().map_err(ServeError::Spawner)?);
+    }
     let state_err = |message: String| ServeError::StateDir {
         path: cfg.state_dir.clone(),
         message,
@@ -110,7 +116,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         db: Mutex::new(store),
         events,
         sandboxes: RwLock::new(Default::default()),
-        spawner: Mutex::new(spawner),
+        spawners: app::Spawners::new(spawners),
         counters: Default::default(),
         cleaner,
     });
