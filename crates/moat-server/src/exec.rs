@@ -323,6 +323,9 @@ pub async fn exec(
     body: Body,
 ) -> ApiResult<Response> {
     let body: CommandBody = parse_json(&headers, &small_body(body).await?)?;
+    if !wants_ndjson(&headers) {
+        return Ok(Json(run_to_end(&app, &caller, &id, body).await?).into_response());
+    }
     let sbx = app.visible(&caller, &id, Scope::Exec)?;
     sbx.require_running()?;
     if body.pty.is_some() || body.kind.is_some() {
@@ -335,28 +338,6 @@ pub async fn exec(
     let cap = sbx.policy.limits.output;
     app.counters.execs.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
-    if !wants_ndjson(&headers) {
-        let exec = sbx.agent.exec(spec.clone()).await?;
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        let fin = drive(exec, stdin, cap, started, |s| {
-            match s {
-                Sink::Stdout(b) => out.extend_from_slice(b),
-                Sink::Stderr(b) => err.extend_from_slice(b),
-                Sink::Started(_) => {}
-            }
-            true
-        })
-        .await;
-        app.audit(
-            Some(caller.key_id()),
-            Some(&id),
-            EventKind::ExecFinished,
-            audit_data(&spec, &fin),
-        )
-        .await?;
-        return Ok(Json(result_of(&sbx, &fin, out, err)).into_response());
-    }
     // Streamed: a connection of its own, so a slow reader stalls only this command.
     let agent = sbx.dedicated().await?;
     let exec = agent.exec(spec.clone()).await?;
@@ -393,6 +374,48 @@ pub async fn exec(
         Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
     )
         .into_response())
+}
+
+/// Runs a command as `caller` and waits for its result: `POST .../exec` without streaming
+/// (also the MCP tools' way to run commands).
+pub async fn run_to_end(
+    app: &Arc<App>,
+    caller: &Caller,
+    id: &str,
+    body: CommandBody,
+) -> ApiResult<ExecResult> {
+    let sbx = app.visible(caller, id, Scope::Exec)?;
+    sbx.require_running()?;
+    if body.pty.is_some() || body.kind.is_some() {
+        return Err(ApiError::bad_request(
+            "`pty` and `type` are for the WebSocket (GET .../exec/ws)",
+        ));
+    }
+    let stdin = body.stdin_bytes()?;
+    let spec = body.spec(&sbx, stdin.is_some(), None, false)?;
+    let cap = sbx.policy.limits.output;
+    app.counters.execs.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
+    let exec = sbx.agent.exec(spec.clone()).await?;
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let fin = drive(exec, stdin, cap, started, |s| {
+        match s {
+            Sink::Stdout(b) => out.extend_from_slice(b),
+            Sink::Stderr(b) => err.extend_from_slice(b),
+            Sink::Started(_) => {}
+        }
+        true
+    })
+    .await;
+    app.audit(
+        Some(caller.key_id()),
+        Some(id),
+        EventKind::ExecFinished,
+        audit_data(&spec, &fin),
+    )
+    .await?;
+    Ok(result_of(&sbx, &fin, out, err))
 }
 
 /// Like [`drive`], but each output chunk goes to the client at once (awaiting a slow one).

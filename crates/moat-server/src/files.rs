@@ -196,18 +196,29 @@ pub async fn remove(
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> ApiResult<StatusCode> {
-    check_path("path", &q.path)?;
-    let sbx = files_sandbox(&app, &caller, &id, Scope::FilesWrite).await?;
-    let recursive = truthy(&q.recursive);
-    sbx.agent.remove(&q.path, recursive).await?;
+    remove_path(&app, &caller, &id, &q.path, truthy(&q.recursive)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Removes a file (or a tree, `recursive`) as `caller`.
+pub async fn remove_path(
+    app: &Arc<App>,
+    caller: &Caller,
+    id: &str,
+    path: &str,
+    recursive: bool,
+) -> ApiResult<()> {
+    check_path("path", path)?;
+    let sbx = files_sandbox(app, caller, id, Scope::FilesWrite).await?;
+    sbx.agent.remove(path, recursive).await?;
     app.audit(
         Some(caller.key_id()),
-        Some(&id),
+        Some(id),
         EventKind::FileOp,
-        json!({"op": "remove", "path": q.path, "recursive": recursive}),
+        json!({"op": "remove", "path": path, "recursive": recursive}),
     )
     .await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }
 
 pub async fn list(
@@ -216,24 +227,108 @@ pub async fn list(
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> ApiResult<Json<Value>> {
-    check_path("path", &q.path)?;
     let depth = q.depth.unwrap_or(1);
-    if !(1..=16).contains(&depth) {
-        return Err(ApiError::bad_request("depth must be between 1 and 16"));
-    }
-    let sbx = files_sandbox(&app, &caller, &id, Scope::FilesRead).await?;
-    let (entries, truncated) = sbx.agent.list_dir(&q.path, depth).await?;
-    app.audit(
-        Some(caller.key_id()),
-        Some(&id),
-        EventKind::FileOp,
-        json!({"op": "list", "path": q.path, "depth": depth}),
-    )
-    .await?;
+    let (entries, truncated) = list_entries(&app, &caller, &id, &q.path, depth).await?;
     Ok(Json(json!({
         "entries": entries.iter().map(entry_json).collect::<Vec<_>>(),
         "truncated": truncated,
     })))
+}
+
+/// Lists a directory `depth` levels deep as `caller`: the entries, and whether the agent cut
+/// the listing short.
+pub async fn list_entries(
+    app: &Arc<App>,
+    caller: &Caller,
+    id: &str,
+    path: &str,
+    depth: u32,
+) -> ApiResult<(Vec<Entry>, bool)> {
+    check_path("path", path)?;
+    if !(1..=16).contains(&depth) {
+        return Err(ApiError::bad_request("depth must be between 1 and 16"));
+    }
+    let sbx = files_sandbox(app, caller, id, Scope::FilesRead).await?;
+    let listed = sbx.agent.list_dir(path, depth).await?;
+    app.audit(
+        Some(caller.key_id()),
+        Some(id),
+        EventKind::FileOp,
+        json!({"op": "list", "path": path, "depth": depth}),
+    )
+    .await?;
+    Ok(listed)
+}
+
+/// Reads the first `max` bytes of a file as `caller`, with the file's entry (its whole
+/// size): for callers that want a bounded read in memory (the MCP tools).
+pub async fn read_prefix(
+    app: &Arc<App>,
+    caller: &Caller,
+    id: &str,
+    path: &str,
+    max: usize,
+) -> ApiResult<(Vec<u8>, Entry)> {
+    check_path("path", path)?;
+    let sbx = files_sandbox(app, caller, id, Scope::FilesRead).await?;
+    let entry = sbx.agent.stat(path).await?;
+    if entry.kind == EntryKind::Dir {
+        return Err(ApiError::bad_request(format!(
+            "{path} is a directory: list it instead"
+        )));
+    }
+    // A connection of its own: it is dropped, with the rest of the file, once `max` is read.
+    let agent = sbx.dedicated().await?;
+    let mut file = agent.read_file(path).await?;
+    let mut data = Vec::new();
+    while data.len() < max {
+        match file.next_chunk().await? {
+            Some(chunk) => {
+                let room = max - data.len();
+                data.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            None => break,
+        }
+    }
+    app.audit(
+        Some(caller.key_id()),
+        Some(id),
+        EventKind::FileRead,
+        json!({"path": path}),
+    )
+    .await?;
+    Ok((data, entry))
+}
+
+/// Writes `data` to a file as `caller` (parents created, the file replaced); the bytes
+/// written.
+pub async fn write_all(
+    app: &Arc<App>,
+    caller: &Caller,
+    id: &str,
+    path: &str,
+    data: Vec<u8>,
+) -> ApiResult<u64> {
+    check_path("path", path)?;
+    let sbx = files_sandbox(app, caller, id, Scope::FilesWrite).await?;
+    let agent = sbx.dedicated().await?;
+    let mut file = agent.write_file(path, None, true).await?;
+    let sent = data.len() as u64;
+    file.write(Bytes::from(data)).await?;
+    let bytes = file.finish().await?;
+    if bytes != sent {
+        return Err(ApiError::internal(format!(
+            "the agent wrote {bytes} bytes of {sent}"
+        )));
+    }
+    app.audit(
+        Some(caller.key_id()),
+        Some(id),
+        EventKind::FileWrite,
+        json!({"path": path, "bytes": bytes}),
+    )
+    .await?;
+    Ok(bytes)
 }
 
 pub async fn stat(

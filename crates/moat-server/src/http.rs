@@ -68,6 +68,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/openapi.json", get(openapi));
     Router::new()
         .nest("/v1", v1)
+        .nest_service("/mcp", crate::mcp::router(app.clone()))
         .route("/metrics", get(prometheus))
         .route("/v1/sandboxes/{id}/files/{*rest}", delete(no_route))
         .fallback(no_route)
@@ -224,6 +225,21 @@ struct CreateBody {
 
 const MAX_METADATA: usize = 64;
 
+/// A new sandbox's metadata must be small: at most [`MAX_METADATA`] entries, keys of 1 to 128
+/// bytes, values of at most 1024.
+pub fn check_metadata(metadata: &BTreeMap<String, String>) -> ApiResult<()> {
+    if metadata.len() > MAX_METADATA
+        || metadata
+            .iter()
+            .any(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > 1024)
+    {
+        return Err(ApiError::bad_request(format!(
+            "metadata: at most {MAX_METADATA} entries, keys 1-128 bytes, values up to 1024"
+        )));
+    }
+    Ok(())
+}
+
 async fn create_sandbox(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -236,16 +252,7 @@ async fn create_sandbox(
         ));
     }
     let body: CreateBody = parse_json(&headers, &small_body(body).await?)?;
-    if body.metadata.len() > MAX_METADATA
-        || body
-            .metadata
-            .iter()
-            .any(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > 1024)
-    {
-        return Err(ApiError::bad_request(format!(
-            "metadata: at most {MAX_METADATA} entries, keys 1-128 bytes, values up to 1024"
-        )));
-    }
+    check_metadata(&body.metadata)?;
     let mut policy = body.policy.unwrap_or_else(|| json!({}));
     if !policy.is_object() {
         return Err(ApiError::bad_request(
