@@ -50,6 +50,7 @@ def _moat_bin() -> str:
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
+    moat_bin = _moat_bin()
     top = tempfile.mkdtemp(prefix="moat-py-")
     state = os.path.join(top, "state")
     log = os.path.join(top, "serve.log")
@@ -57,7 +58,7 @@ def server() -> Iterator[Server]:
     url = f"http://127.0.0.1:{port}"
     with open(log, "wb") as logf:
         proc = subprocess.Popen(
-            [_moat_bin(), "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", state],
+            [moat_bin, "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", state],
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=subprocess.STDOUT,

@@ -499,9 +499,10 @@ def test_errors(server: Server, sbx: Sandbox, monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(InvalidRequestError):
         Sandbox.list(state="sleeping")
 
-    with pytest.raises(TooLargeError) as big:
-        sbx.exec(["cat"], stdin="x" * (3 * MiB))
-    assert big.value.status == 413 and big.value.code == "too_large"
+    with Sandbox.create(policy={"limits": {"workdir_size": "1M"}}) as small:
+        with pytest.raises(TooLargeError) as big:
+            small.files.write("/work/big.bin", io.BytesIO(b"x" * (3 * MiB)))
+        assert big.value.status == 413 and big.value.code == "too_large"
 
     sbx.pause()
     with pytest.raises(ConflictError) as cf:
