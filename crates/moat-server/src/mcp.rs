@@ -529,7 +529,7 @@ impl MoatTools {
             .backend
             .list(&cx, p.sandbox_id, p.path, depth)
             .await
-            .map(|v| list_summary(&path, &v));
+            .map(|v| list_summary(&path, depth, &v));
         answer(r)
     }
 
@@ -723,13 +723,30 @@ pub fn file_summary(path: &str, f: FilePrefix) -> Value {
     }
 }
 
-/// `list_directory`'s result from the API's listing.
-pub fn list_summary(path: &str, v: &Value) -> Value {
-    let entries = v
+/// How many levels below `base` an entry's path is (1: a direct child); `None` when it is
+/// not under `base`.
+fn level_below(base: &str, path: &str) -> Option<usize> {
+    let base = base.trim_end_matches('/');
+    let rest = path.strip_prefix(base)?.strip_prefix('/')?;
+    Some(rest.split('/').filter(|c| !c.is_empty()).count())
+}
+
+/// `list_directory`'s result from the API's listing, `depth` levels deep (entries deeper
+/// than asked are dropped, whatever depth the listing went to).
+pub fn list_summary(path: &str, depth: u32, v: &Value) -> Value {
+    let entries: Vec<Value> = v
         .get("entries")
         .and_then(Value::as_array)
         .cloned()
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| {
+            e.get("path")
+                .and_then(Value::as_str)
+                .and_then(|p| level_below(path, p))
+                .is_none_or(|l| l <= depth as usize)
+        })
+        .collect();
     let total = entries.len();
     let small: Vec<Value> = entries
         .iter()
@@ -993,6 +1010,41 @@ mod tests {
         );
         assert_eq!(v["encoding"], "base64");
         assert_eq!(v["content_base64"], b64::encode(&[0, 159, 146, 150]));
+    }
+
+    #[test]
+    fn listings_keep_the_depth_asked_for() {
+        let v = json!({"entries": [
+            {"path": "/work/a", "kind": "dir", "size": 0},
+            {"path": "/work/a/b.txt", "kind": "file", "size": 3},
+            {"path": "/work/c.txt", "kind": "file", "size": 5},
+        ], "truncated": false});
+        let one = list_summary("/work", 1, &v);
+        let paths: Vec<&str> = one["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["path"].as_str().unwrap())
+            .collect();
+        assert_eq!(paths, ["/work/a", "/work/c.txt"]);
+        assert_eq!(one["entries"][1]["size"], 5);
+        assert!(one["entries"][0].get("size").is_none());
+        assert_eq!(
+            list_summary("/work/", 2, &v)["entries"]
+                .as_array()
+                .unwrap()
+                .len(),
+            3
+        );
+        assert_eq!(
+            list_summary("/", 1, &v)["entries"]
+                .as_array()
+                .unwrap()
+                .len(),
+            0
+        );
+        assert_eq!(level_below("/", "/work"), Some(1));
+        assert_eq!(level_below("/work", "/workshop"), None);
     }
 
     #[test]
