@@ -10,6 +10,7 @@ use moat_policy::{parse_bytes, parse_duration, Layer, Mount, Policy};
 use std::io::Write;
 
 mod client;
+mod mcp;
 
 #[derive(Parser)]
 #[command(
@@ -36,6 +37,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Serve moat's sandbox tools to an MCP client over stdin/stdout (a client of `moat
+    /// serve`: set MOAT_URL and MOAT_API_KEY as for the other client commands).
+    ///
+    /// The same tools are served over streamable HTTP at /mcp on `moat serve` itself.
+    Mcp(mcp::McpArgs),
     #[command(flatten)]
     Client(client::Command),
 }
@@ -272,6 +278,7 @@ fn main() {
     let code = match cli.cmd {
         Cmd::Run(a) => cmd_run(*a),
         Cmd::Doctor { json } => cmd_doctor(json),
+        Cmd::Mcp(a) => mcp::main(a),
         Cmd::Client(c) => client::main(c),
     };
     std::process::exit(code);

@@ -6,6 +6,7 @@ mod cli;
 pub mod daemon;
 pub mod harness;
 mod info_leaks;
+mod mcp;
 mod modes;
 mod programs;
 mod server;
