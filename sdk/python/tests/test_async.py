@@ -9,7 +9,7 @@ import hashlib
 import io
 import os
 import time
-from typing import Any, Awaitable, Callable, List
+from typing import Any, Callable, Coroutine, List
 
 import pytest
 
@@ -32,7 +32,7 @@ from conftest import Server, kill_agent, sandbox_pid
 MiB = 1 << 20
 
 
-def run(fn: Callable[[], Awaitable[Any]]) -> Any:
+def run(fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     return asyncio.run(fn())
 
 
@@ -93,7 +93,7 @@ def test_async_metrics_events(server: Server) -> None:
                 kinds.append(ev.kind)
                 if ev.kind == "exec_finished" and ev.data.get("argv") == ["echo", "live"]:
                     break
-            await agen.aclose()  # type: ignore[attr-defined]
+            await agen.aclose()
             await task
             assert kinds[0] == "sandbox_created" and kinds[-1] == "exec_finished"
 
@@ -249,8 +249,7 @@ def test_async_tokens_and_errors(server: Server, monkeypatch: pytest.MonkeyPatch
             tok = await s.create_token(["exec"], ttl=120)
             info = await s.create_token_info(["files:read", "read"])
             assert info.scopes == ["files:read", "read"] and info.sandbox_id == s.id
-            t = await AsyncSandbox.connect(s.id, api_key=tok)
-            try:
+            async with await AsyncSandbox.connect(s.id, api_key=tok) as t:  # exit only closes
                 assert (await t.exec("echo t")).stdout == "t\n"
                 with pytest.raises(ForbiddenError) as fe:
                     await t.files.read("/work/f.txt")
@@ -259,8 +258,7 @@ def test_async_tokens_and_errors(server: Server, monkeypatch: pytest.MonkeyPatch
                     await t.kill()
                 with pytest.raises(ForbiddenError):
                     await AsyncSandbox.create(api_key=tok)
-            finally:
-                await t.close()
+            assert await s.is_running()
             r = await AsyncSandbox.connect(s.id, api_key=info.token)
             try:
                 assert await r.files.read_text("/work/f.txt") == "data"

@@ -230,7 +230,7 @@ def test_exec_stream_stderr_binary_and_break(sbx: Sandbox) -> None:
     for ev in it:
         if ev.type == "stdout":
             break
-    it.close()  # type: ignore[attr-defined]
+    it.close()
     assert sbx.exec("echo still").stdout == "still\n"
 
 
@@ -438,10 +438,8 @@ def test_token_scopes(server: Server, sbx: Sandbox) -> None:
             t.info()
         with pytest.raises(ForbiddenError):
             t.create_token(["exec"])
-        # __exit__ tries kill(): a token may not delete its sandbox
         with pytest.raises(ForbiddenError):
-            t.kill()
-        t.kill = lambda: None  # type: ignore[method-assign]
+            t.kill()  # a token may not delete its sandbox; leaving the block only closes it
     assert sbx.is_running()
 
     rd = Sandbox.connect(sbx.id, api_key=sbx.create_token(["files:read", "read"]))

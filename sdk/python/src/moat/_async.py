@@ -10,11 +10,13 @@ from types import TracebackType
 from typing import (
     IO,
     Any,
+    AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
     Awaitable,
     Callable,
     Dict,
+    Generator,
     Iterable,
     List,
     Mapping,
@@ -126,7 +128,7 @@ def _achunks(data: AsyncWriteData) -> Union[bytes, AsyncIterator[bytes]]:
     if hasattr(data, "read"):
         f: Any = data
 
-        async def gen() -> AsyncIterator[bytes]:
+        async def gen() -> AsyncGenerator[bytes, None]:
             while True:
                 chunk = f.read(c.CHUNK)
                 if inspect.isawaitable(chunk):
@@ -139,7 +141,7 @@ def _achunks(data: AsyncWriteData) -> Union[bytes, AsyncIterator[bytes]]:
     if hasattr(data, "__aiter__"):
         ait: Any = data
 
-        async def gen_a() -> AsyncIterator[bytes]:
+        async def gen_a() -> AsyncGenerator[bytes, None]:
             async for chunk in ait:
                 yield chunk.encode("utf-8") if isinstance(chunk, str) else bytes(chunk)
 
@@ -147,7 +149,7 @@ def _achunks(data: AsyncWriteData) -> Union[bytes, AsyncIterator[bytes]]:
     if isinstance(data, Iterable):
         it: Iterable[Any] = data
 
-        async def gen_s() -> AsyncIterator[bytes]:
+        async def gen_s() -> AsyncGenerator[bytes, None]:
             for chunk in it:
                 yield chunk.encode("utf-8") if isinstance(chunk, str) else bytes(chunk)
 
@@ -291,7 +293,7 @@ class AsyncSandbox:
         )
         return [Event.from_json(e) for e in d.get("events", [])]
 
-    async def follow_events(self, since: Optional[int] = None) -> AsyncIterator[Event]:
+    async def follow_events(self, since: Optional[int] = None) -> AsyncGenerator[Event, None]:
         """Audit events as they happen; break out of the loop to stop."""
         async with self._http.stream(
             "GET", self._path + "/events", params=c.events_params(since, None, True)
@@ -325,6 +327,8 @@ class AsyncSandbox:
     ) -> None:
         try:
             await self.kill()
+        except ForbiddenError:
+            pass  # a scoped token may not delete its sandbox: only close the handle
         finally:
             await self.close()
 
@@ -373,11 +377,11 @@ class AsyncSandbox:
         env: Optional[Mapping[str, str]] = None,
         stdin: c.StdinData = None,
         timeout: Optional[float] = None,
-    ) -> AsyncIterator[ExecEvent]:
+    ) -> AsyncGenerator[ExecEvent, None]:
         """``async for ev in sbx.exec_stream(...)``: ``start``, ``stdout``/``stderr``, ``exit``."""
         return self._stream(c.exec_body(cmd, shell, cwd, env, stdin, timeout))
 
-    async def _stream(self, body: Dict[str, Any]) -> AsyncIterator[ExecEvent]:
+    async def _stream(self, body: Dict[str, Any]) -> AsyncGenerator[ExecEvent, None]:
         async with self._http.stream(
             "POST", self._path + "/exec", json=body, headers={"Accept": "application/x-ndjson"}
         ) as resp:
@@ -398,7 +402,7 @@ class _Creating:
         self._coro = coro
         self._sbx: Optional[AsyncSandbox] = None
 
-    def __await__(self) -> Any:
+    def __await__(self) -> Generator[Any, None, AsyncSandbox]:
         return self._coro.__await__()
 
     async def __aenter__(self) -> AsyncSandbox:
@@ -463,7 +467,7 @@ class AsyncProcess:
                 return p
         raise NotFoundError(f"no background process {self.pid} in sandbox {self.sandbox.id}", code="not_found")
 
-    async def output(self, follow: bool = True) -> AsyncIterator[ExecEvent]:
+    async def output(self, follow: bool = True) -> AsyncGenerator[ExecEvent, None]:
         params = {"follow": "1"} if follow else None
         async with self.sandbox._http.stream("GET", self._path + "/output", params=params) as resp:
             async for d in _ndjson(resp):
@@ -527,7 +531,7 @@ class AsyncFiles:
     async def read_text(self, path: str, encoding: str = "utf-8", errors: str = "strict") -> str:
         return (await self.read(path)).decode(encoding, errors)
 
-    async def iter_bytes(self, path: str, chunk_size: int = c.CHUNK) -> AsyncIterator[bytes]:
+    async def iter_bytes(self, path: str, chunk_size: int = c.CHUNK) -> AsyncGenerator[bytes, None]:
         async with self._http.stream("GET", self._path, params={"path": path}) as resp:
             async for chunk in resp.aiter_bytes(chunk_size):
                 yield chunk

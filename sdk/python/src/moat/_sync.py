@@ -11,6 +11,7 @@ from typing import (
     Any,
     Callable,
     Dict,
+    Generator,
     Iterable,
     Iterator,
     List,
@@ -132,7 +133,7 @@ def _chunks(data: WriteData) -> Union[bytes, Iterator[bytes]]:
     if hasattr(data, "read"):
         f: Any = data
 
-        def gen() -> Iterator[bytes]:
+        def gen() -> Generator[bytes, None, None]:
             while True:
                 chunk = f.read(c.CHUNK)
                 if not chunk:
@@ -143,7 +144,7 @@ def _chunks(data: WriteData) -> Union[bytes, Iterator[bytes]]:
     if isinstance(data, Iterable):
         it: Iterable[Any] = data
 
-        def gen2() -> Iterator[bytes]:
+        def gen2() -> Generator[bytes, None, None]:
             for chunk in it:
                 yield chunk.encode("utf-8") if isinstance(chunk, str) else bytes(chunk)
 
@@ -285,7 +286,7 @@ class Sandbox:
         d = self._http.request("GET", self._path + "/events", params=c.events_params(since, limit, False))
         return [Event.from_json(e) for e in d.get("events", [])]
 
-    def follow_events(self, since: Optional[int] = None) -> Iterator[Event]:
+    def follow_events(self, since: Optional[int] = None) -> Generator[Event, None, None]:
         """The sandbox's audit events as they happen (history past ``since`` first); never ends
         by itself: break out of the loop to stop."""
         with self._http.stream("GET", self._path + "/events", params=c.events_params(since, None, True)) as resp:
@@ -309,6 +310,8 @@ class Sandbox:
         self._http.close()
 
     def __enter__(self) -> "Sandbox":
+        """``with Sandbox.create() as sbx:`` kills the sandbox when the block ends (a handle
+        made with a scoped token, which may not delete it, is only closed)."""
         return self
 
     def __exit__(
@@ -319,6 +322,8 @@ class Sandbox:
     ) -> None:
         try:
             self.kill()
+        except ForbiddenError:
+            pass  # a scoped token may not delete its sandbox: only close the handle
         finally:
             self.close()
 
@@ -372,12 +377,12 @@ class Sandbox:
         env: Optional[Mapping[str, str]] = None,
         stdin: c.StdinData = None,
         timeout: Optional[float] = None,
-    ) -> Iterator[ExecEvent]:
+    ) -> Generator[ExecEvent, None, None]:
         """Runs a command and yields its events as they happen: ``start``, ``stdout`` /
         ``stderr`` chunks, and last ``exit`` (with the result)."""
         return self._stream(c.exec_body(cmd, shell, cwd, env, stdin, timeout))
 
-    def _stream(self, body: Dict[str, Any]) -> Iterator[ExecEvent]:
+    def _stream(self, body: Dict[str, Any]) -> Generator[ExecEvent, None, None]:
         with self._http.stream(
             "POST", self._path + "/exec", json=body, headers={"Accept": "application/x-ndjson"}
         ) as resp:
@@ -446,7 +451,7 @@ class Process:
 
         raise NotFoundError(f"no background process {self.pid} in sandbox {self.sandbox.id}", code="not_found")
 
-    def output(self, follow: bool = True) -> Iterator[ExecEvent]:
+    def output(self, follow: bool = True) -> Generator[ExecEvent, None, None]:
         """Its output so far (``stdout`` / ``stderr`` events) and, with ``follow``, everything
         until it exits; the last event is ``exit`` once it ended."""
         params = {"follow": "1"} if follow else None
@@ -518,7 +523,7 @@ class Files:
         """A file's text."""
         return self.read(path).decode(encoding, errors)
 
-    def iter_bytes(self, path: str, chunk_size: int = c.CHUNK) -> Iterator[bytes]:
+    def iter_bytes(self, path: str, chunk_size: int = c.CHUNK) -> Generator[bytes, None, None]:
         """A file's bytes in chunks, as they arrive."""
         with self._http.stream("GET", self._path, params={"path": path}) as resp:
             yield from resp.iter_bytes(chunk_size)
