@@ -210,6 +210,7 @@ def test_async_files(server: Server, tmp_path: Any) -> None:
             await f.mkdir("/work/a/s/t")
             lst = await f.list("/work/a", depth=4)
             assert isinstance(lst, FileList) and "/work/a/s/t" in {e.path for e in lst}
+            assert "/work/a/s/t" not in {e.path for e in await f.list("/work/a")}
             await f.move("/work/a/t.txt", "/work/a/s/u.txt")
             assert await f.read_text("/work/a/s/u.txt") == "héllo"
             await f.remove("/work/a/s/u.txt")

@@ -327,9 +327,9 @@ def test_files(sbx: Sandbox) -> None:
     top = f.list("/work/d")
     assert isinstance(top, FileList) and top.truncated is False
     names = {e.path for e in top}
-    # (depth=1 is meant to be the children only; the daemon currently also returns the
-    # grandchildren, reported to its owner, so only inclusion is checked here.)
-    assert {"/work/d/a.txt", "/work/d/sub"} <= names and "/work/d/sub/deep/z.txt" not in names
+    assert {"/work/d/a.txt", "/work/d/sub"} <= names and "/work/d/sub/deep" not in names
+    two = {e.path for e in f.list("/work/d/", depth=2)}
+    assert "/work/d/sub/deep" in two and "/work/d/sub/deep/z.txt" not in two
     deep = {e.path for e in f.list("/work/d", depth=3)}
     assert "/work/d/sub/deep/z.txt" in deep
 

@@ -574,7 +574,8 @@ class AsyncFiles:
         d = await self._http.request(
             "GET", self._path + "/list", params={"path": path, "depth": str(depth)}
         )
-        return FileList([FileEntry.from_json(e) for e in d.get("entries", [])], bool(d.get("truncated")))
+        entries = [FileEntry.from_json(e) for e in d.get("entries", [])]
+        return FileList([e for e in entries if c.within_depth(path, e.path, depth)], bool(d.get("truncated")))
 
     async def stat(self, path: str) -> FileEntry:
         return FileEntry.from_json(await self._http.request("GET", self._path + "/stat", params={"path": path}))

@@ -227,3 +227,13 @@ def octal_mode(mode: Union[int, str, None]) -> Optional[str]:
     if isinstance(mode, int):
         return format(mode, "o").rjust(4, "0")
     return mode
+
+
+def within_depth(base: str, path: str, depth: int) -> bool:
+    """Whether ``path`` is at most ``depth`` levels below ``base`` (1 = a direct child). The
+    daemon's listing can go one level deeper than asked; the SDK keeps what was asked for."""
+    root = base.rstrip("/")
+    if not path.startswith(root + "/"):
+        return True
+    rel = path[len(root) + 1 :].strip("/")
+    return rel.count("/") + 1 <= depth

@@ -567,7 +567,8 @@ class Files:
     def list(self, path: str, depth: int = 1) -> FileList:
         """A directory's entries, ``depth`` levels down (1-16)."""
         d = self._http.request("GET", self._path + "/list", params={"path": path, "depth": str(depth)})
-        return FileList([FileEntry.from_json(e) for e in d.get("entries", [])], bool(d.get("truncated")))
+        entries = [FileEntry.from_json(e) for e in d.get("entries", [])]
+        return FileList([e for e in entries if c.within_depth(path, e.path, depth)], bool(d.get("truncated")))
 
     def stat(self, path: str) -> FileEntry:
         """One entry (NotFoundError when missing)."""
