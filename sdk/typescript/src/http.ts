@@ -1,6 +1,9 @@
 /** The transport: one configured client per base URL and credential. */
 
+import http from 'node:http';
+import https from 'node:https';
 import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
 import { MoatConnectionError, MoatError, errorFromAnswer } from './errors.js';
 
 /** Where the daemon is and how to authenticate to it. */
@@ -61,9 +64,8 @@ export class Client {
     const headers: Record<string, string> = {};
     if (this.#apiKey) headers['authorization'] = `Bearer ${this.#apiKey}`;
     if (opts.accept) headers['accept'] = opts.accept;
-    let body: string | Uint8Array | ReadableStream<Uint8Array> | undefined;
+    let body: string | Uint8Array | undefined;
     let streamed = false;
-    let bodyError: unknown;
     if (opts.json !== undefined) {
       headers['content-type'] = 'application/json';
       body = JSON.stringify(opts.json);
@@ -74,24 +76,15 @@ export class Client {
         body = b;
       } else {
         streamed = true;
-        body = watchErrors(toWebStream(b), (e) => {
-          bodyError = e;
-        });
       }
     }
     const what = opts.what ?? `${method} ${path}`;
     let resp: Response;
-    try {
-      const init: RequestInit & { duplex?: 'half' } = {
-        method,
-        headers,
-        body: body as RequestInit['body'],
-        signal: opts.signal,
-      };
-      if (streamed) init.duplex = 'half';
-      resp = await fetch(u, init);
+    if (streamed) {
+      resp = await this.#streamUpload(method, u, headers, opts.body as StreamBody, what);
+    } else try {
+      resp = await fetch(u, { method, headers, body, signal: opts.signal });
     } catch (e) {
-      if (bodyError !== undefined) throw bodyError;
       throw transportError(e, this.url, what);
     }
     if (resp.ok) return resp;
@@ -102,6 +95,60 @@ export class Client {
       // The body was cut off: the status is still the answer.
     }
     throw errorFromAnswer(resp.status, text, what);
+  }
+
+  /**
+   * Sends a streamed body with node:http, which reads the source only as fast as the socket
+   * takes it (fetch on Node 20 holds every chunk of a streamed body until the request ends).
+   * The answer (small JSON) is read whole.
+   */
+  #streamUpload(
+    method: string,
+    u: URL,
+    headers: Record<string, string>,
+    src: StreamBody,
+    what: string,
+  ): Promise<Response> {
+    const node = toNodeStream(src);
+    const mod = u.protocol === 'https:' ? https : http;
+    return new Promise<Response>((resolve, reject) => {
+      let settled = false;
+      const fail = (e: unknown) => {
+        if (settled) return;
+        settled = true;
+        reject(e);
+      };
+      const req = mod.request(u, { method, headers }, (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('error', (e) => fail(transportError(e, this.url, what, true)));
+        res.on('end', () => {
+          if (settled) return;
+          settled = true;
+          const status = res.statusCode ?? 500;
+          const text = Buffer.concat(chunks).toString('utf8');
+          const h = new Headers();
+          for (const [k, v] of Object.entries(res.headers)) {
+            if (typeof v === 'string') h.set(k, v);
+          }
+          resolve(new Response(status === 204 ? null : text, { status, headers: h }));
+        });
+      });
+      req.on('error', (e) => fail(transportError(e, this.url, what)));
+      node.on('error', (e) => {
+        // The local source failed: that error, not a transport one.
+        fail(e);
+        req.destroy();
+      });
+      // An answer before the whole body went (a refusal) ends the upload: the pipe's error
+      // then is only the connection closing, and the answer is what counts.
+      pipeline(node, req).catch(() => {});
+    }).then((resp) => {
+      if (resp.ok) return resp;
+      return resp.text().then((t) => {
+        throw errorFromAnswer(resp.status, t, what);
+      });
+    });
   }
 
   /** A request whose answer is JSON (or empty, for 204). */
@@ -126,16 +173,26 @@ async function readText(resp: Response, url: string, what: string): Promise<stri
   try {
     return await resp.text();
   } catch (e) {
-    throw transportError(e, url, what);
+    throw transportError(e, url, what, true);
   }
 }
 
 /** Turns a fetch failure into a {@link MoatConnectionError} (aborts pass through). */
-export function transportError(e: unknown, url: string, what: string): unknown {
+export function transportError(e: unknown, url: string, what: string, midStream = false): unknown {
   if (e instanceof MoatError) return e;
   if (e instanceof Error && (e.name === 'AbortError' || e.name === 'TimeoutError')) return e;
   const cause = (e as { cause?: { code?: string; message?: string } })?.cause;
-  const detail = cause?.code ?? cause?.message ?? (e instanceof Error ? e.message : String(e));
+  const own = (e as { code?: string })?.code;
+  const detail = cause?.code ?? cause?.message ?? own ?? (e instanceof Error ? e.message : String(e));
+  if (midStream) {
+    return new MoatConnectionError(
+      `${what}: the connection to moat at ${url} broke mid-transfer (${detail}); ` +
+        'nothing after that point arrived: retry the call',
+      'connection_broken',
+      0,
+      { cause: e },
+    );
+  }
   return new MoatConnectionError(
     `${what}: cannot reach moat at ${url} (${detail}): is \`moat serve\` running? ` +
       'Set MOAT_URL (or pass url) to where it listens.',
@@ -145,48 +202,17 @@ export function transportError(e: unknown, url: string, what: string): unknown {
   );
 }
 
+type StreamBody = ReadableStream<Uint8Array> | NodeJS.ReadableStream | Readable;
+
 function isWebStream(b: unknown): b is ReadableStream<Uint8Array> {
   return typeof (b as ReadableStream).getReader === 'function';
 }
 
-/** Any supported stream as a web ReadableStream of bytes. */
-export function toWebStream(
-  b: ReadableStream<Uint8Array> | NodeJS.ReadableStream | Readable,
-): ReadableStream<Uint8Array> {
-  if (isWebStream(b)) return b;
-  const node = b instanceof Readable ? b : Readable.from(b as AsyncIterable<unknown>);
-  return Readable.toWeb(node) as unknown as ReadableStream<Uint8Array>;
-}
-
-/** Passes a stream through, noting its error (so that a local read failure is not
- * mistaken for the daemon being unreachable). Strings become UTF-8 bytes. */
-function watchErrors(
-  src: ReadableStream<Uint8Array>,
-  onError: (e: unknown) => void,
-): ReadableStream<Uint8Array> {
-  const reader = src.getReader();
-  const enc = new TextEncoder();
-  return new ReadableStream<Uint8Array>({
-    async pull(ctrl) {
-      try {
-        const { done, value } = await reader.read();
-        if (done) {
-          ctrl.close();
-          return;
-        }
-        const chunk: unknown = value;
-        if (typeof chunk === 'string') ctrl.enqueue(enc.encode(chunk));
-        else if (chunk instanceof Uint8Array) ctrl.enqueue(chunk);
-        else ctrl.enqueue(new Uint8Array(chunk as ArrayBuffer));
-      } catch (e) {
-        onError(e);
-        ctrl.error(e);
-      }
-    },
-    cancel(reason) {
-      return reader.cancel(reason);
-    },
-  });
+/** Any supported stream as a Node Readable. */
+function toNodeStream(b: StreamBody): Readable {
+  if (isWebStream(b)) return Readable.fromWeb(b as import('node:stream/web').ReadableStream<Uint8Array>);
+  if (b instanceof Readable) return b;
+  return Readable.from(b as AsyncIterable<unknown>);
 }
 
 /** The lines of a byte stream, as they arrive. */

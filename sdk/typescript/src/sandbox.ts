@@ -151,7 +151,7 @@ async function* eventsOf(resp: Response, url: string, what: string): AsyncGenera
       if (ev) yield ev;
     }
   } catch (e) {
-    throw transportError(e, url, what);
+    throw transportError(e, url, what, true);
   }
 }
 
@@ -325,7 +325,7 @@ export class Sandbox {
         // `id:` lines repeat the seq; `:` lines are keep-alives.
       }
     } catch (e) {
-      throw transportError(e, this.url, what);
+      throw transportError(e, this.url, what, true);
     }
   }
 
@@ -578,7 +578,7 @@ export class Files {
     try {
       return new Uint8Array(await resp.arrayBuffer());
     } catch (e) {
-      throw transportError(e, this.#sb.url, `read ${path} in ${this.#sb.id}`);
+      throw transportError(e, this.#sb.url, `read ${path} in ${this.#sb.id}`, true);
     }
   }
 
@@ -618,7 +618,7 @@ export class Files {
       await pipeline(src, createWriteStream(localPath));
     } catch (e) {
       await unlink(localPath).catch(() => {});
-      throw transportError(e, this.#sb.url, `download ${remotePath} from ${this.#sb.id}`);
+      throw transportError(e, this.#sb.url, `download ${remotePath} from ${this.#sb.id}`, true);
     }
     return bytes;
   }
