@@ -327,7 +327,8 @@ fn mcp_http_refuses_requests_without_the_key() {
         }
         let mut resp = req.send(init).unwrap();
         assert_eq!(resp.status().as_u16(), 401, "auth {auth:?}");
-        let body: serde_json::Value = resp.body_mut().read_json().unwrap();
+        let text = resp.body_mut().read_to_string().unwrap();
+        let body: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(body["error"]["code"], "unauthorized", "{body}");
     }
     // GET and DELETE too, and paths under /mcp.
@@ -348,4 +349,19 @@ fn mcp_http_refuses_requests_without_the_key() {
         .send(init)
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
+}
+
+#[test]
+fn mcp_stdio_without_a_key_says_how_to_give_one() {
+    let out = Command::new(moat_bin())
+        .arg("mcp")
+        .env_remove("MOAT_API_KEY")
+        .env("MOAT_URL", "http://127.0.0.1:9")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty(), "stdout is the protocol's");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("MOAT_API_KEY"), "{err}");
 }
