@@ -249,7 +249,8 @@ pub async fn list_entries(
         return Err(ApiError::bad_request("depth must be between 1 and 16"));
     }
     let sbx = files_sandbox(app, caller, id, Scope::FilesRead).await?;
-    let listed = sbx.agent.list_dir(path, depth).await?;
+    // The API counts levels from 1 (children only); the protocol from 0.
+    let listed = sbx.agent.list_dir(path, depth - 1).await?;
     app.audit(
         Some(caller.key_id()),
         Some(id),
