@@ -11,6 +11,8 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use serde_json::json;
+
 use super::daemon::{agent, Daemon};
 use super::harness::{have, moat_bin, require, scratch_dir};
 
@@ -201,6 +203,31 @@ async def flow(session):
     assert e["code"] == "not_found", e
 
 
+async def tenancy(session):
+    """The credential may use MOAT_OWN only; MOAT_FOREIGN is as unknown as a missing one."""
+    await session.initialize()
+    own, foreign = os.environ["MOAT_OWN"], os.environ["MOAT_FOREIGN"]
+    r = payload(await session.call_tool("run_command", {"sandbox_id": own, "command": "echo mine"}))
+    assert r["stdout"] == "mine\n", r
+    for name, args in [("run_command", {"command": "echo theirs"}), ("read_file", {"path": "/etc/hostname"}),
+                       ("list_directory", {"path": "/work"})]:
+        e = error_of(await session.call_tool(name, {"sandbox_id": foreign, **args}))
+        assert e["code"] == "not_found", (name, e)
+    r = await session.call_tool("create_sandbox", {})
+    if os.environ["MOAT_CAN_CREATE"] == "1":
+        e = error_of(await session.call_tool("destroy_sandbox", {"sandbox_id": foreign}))
+        assert e["code"] == "not_found", e
+        sid = payload(r)["sandbox_id"]
+        payload(await session.call_tool("destroy_sandbox", {"sandbox_id": sid}))
+    else:
+        assert error_of(r)["code"] == "forbidden", r.content
+        e = error_of(await session.call_tool("destroy_sandbox", {"sandbox_id": own}))
+        assert e["code"] == "forbidden", e
+        # The token has only the exec scope.
+        e = error_of(await session.call_tool("read_file", {"sandbox_id": own, "path": "/etc/hostname"}))
+        assert e["code"] == "forbidden", e
+
+
 async def main():
     mode = sys.argv[1]
     if mode == "stdio":
@@ -221,16 +248,27 @@ async def main():
             async with streamable_http_client(os.environ["MOAT_URL"] + "/mcp",
                                               http_client=http) as streams:
                 async with ClientSession(streams[0], streams[1]) as session:
-                    await flow(session)
+                    await (tenancy(session) if mode == "tenancy" else flow(session))
     print("MCP-FLOW-OK", flush=True)
 
 
 asyncio.run(main())
 "#;
 
-/// Runs the client script in `mode` (stdio or http) against `d`; panics with its output
-/// unless the whole flow passed.
+/// Runs the client script in `mode` (stdio, http or tenancy) against `d` with the admin key;
+/// panics with its output unless the whole flow passed.
 fn run_client(d: &Daemon, py: &Path, mode: &str) {
+    run_client_as(d, py, mode, &d.key, &[]);
+    // Nothing is left running.
+    let left = d.api("GET", "/v1/sandboxes", None).json();
+    assert_eq!(
+        left["sandboxes"].as_array().map(Vec::len),
+        Some(0),
+        "sandboxes left: {left}"
+    );
+}
+
+fn run_client_as(d: &Daemon, py: &Path, mode: &str, key: &str, env: &[(&str, &str)]) {
     let dir = scratch_dir("mcp-client");
     let script = dir.join("client.py");
     std::fs::write(&script, CLIENT).unwrap();
@@ -239,7 +277,8 @@ fn run_client(d: &Daemon, py: &Path, mode: &str) {
         .arg(mode)
         .env("MOAT_BIN", moat_bin())
         .env("MOAT_URL", &d.url)
-        .env("MOAT_API_KEY", &d.key)
+        .env("MOAT_API_KEY", key)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -283,13 +322,6 @@ fn run_client(d: &Daemon, py: &Path, mode: &str) {
          daemon log:\n{}",
         d.log()
     );
-    // Nothing is left running.
-    let left = d.api("GET", "/v1/sandboxes", None).json();
-    assert_eq!(
-        left["sandboxes"].as_array().map(Vec::len),
-        Some(0),
-        "sandboxes left: {left}"
-    );
 }
 
 #[test]
@@ -310,6 +342,59 @@ fn mcp_streamable_http_with_the_official_python_client() {
     }
     let d = Daemon::start();
     run_client(&d, &py.unwrap(), "http");
+}
+
+#[test]
+fn mcp_http_tools_act_as_the_caller() {
+    let py = venv_python();
+    if !require(py.is_ok(), &format!("{:?}", py.as_ref().err())) {
+        return;
+    }
+    let py = py.unwrap();
+    let d = Daemon::start();
+    let mine = d.create(json!({}));
+    let other_key = d.new_key("other");
+    let a = d.api_as(&other_key, "POST", "/v1/sandboxes", Some(json!({})));
+    assert_eq!(a.status, 201, "{}", a.text());
+    let theirs = a.json()["id"].as_str().unwrap().to_string();
+    // Another key sees only its own sandboxes, and may create.
+    run_client_as(
+        &d,
+        &py,
+        "tenancy",
+        &other_key,
+        &[
+            ("MOAT_OWN", &theirs),
+            ("MOAT_FOREIGN", &mine),
+            ("MOAT_CAN_CREATE", "1"),
+        ],
+    );
+    // A token for one sandbox with the exec scope: that sandbox, exec only, no create or destroy.
+    let t = d.api(
+        "POST",
+        "/v1/tokens",
+        Some(json!({"sandbox_id": mine, "scopes": ["exec"], "ttl_s": 600})),
+    );
+    assert_eq!(t.status, 201, "{}", t.text());
+    let token = t.json()["token"].as_str().unwrap().to_string();
+    run_client_as(
+        &d,
+        &py,
+        "tenancy",
+        &token,
+        &[
+            ("MOAT_OWN", &mine),
+            ("MOAT_FOREIGN", &theirs),
+            ("MOAT_CAN_CREATE", "0"),
+        ],
+    );
+    // Both sandboxes are still there: nothing the others did reached them.
+    for id in [&mine, &theirs] {
+        let key = if id == &mine { &d.key } else { &other_key };
+        let a = d.api_as(key, "GET", &format!("/v1/sandboxes/{id}"), None);
+        assert_eq!(a.json()["state"], "running", "{}", a.text());
+        d.api_as(key, "DELETE", &format!("/v1/sandboxes/{id}"), None);
+    }
 }
 
 #[test]
