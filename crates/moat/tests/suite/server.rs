@@ -285,6 +285,23 @@ fn files_round_trip_and_operations() {
         .map(|e| e["path"].as_str().unwrap())
         .collect();
     assert!(paths.contains(&"/work/a/b/moved.bin"), "{paths:?}");
+    let top = d
+        .api("GET", &path(&id, "/files/list?path=/work&depth=1"), None)
+        .json();
+    let top: Vec<&str> = top["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        top.contains(&"/work/a") && top.contains(&"/work/deep"),
+        "{top:?}"
+    );
+    assert!(
+        top.iter().all(|p| p.matches('/').count() == 2),
+        "depth 1 is children only: {top:?}"
+    );
     assert!(!paths.contains(&"/work/deep/dir/blob.bin"));
     assert_eq!(
         d.api(
