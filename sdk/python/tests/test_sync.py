@@ -203,6 +203,16 @@ def test_exec_timeout(server: Server) -> None:
         assert time.monotonic() - t0 < 15
 
 
+def test_exec_output_limit(server: Server) -> None:
+    with Sandbox.create(policy={"limits": {"output": "1K"}}) as s:
+        r = s.exec("head -c 5000 /dev/zero | tr '\\0' a")
+        assert r.status == "output_limit" and r.truncated.stdout and r.truncated
+        assert len(r.stdout) == 1024 and r.message
+        r = s.exec("head -c 5000 /dev/zero | tr '\\0' a", on_stdout=lambda _: None)
+        assert r.status == "output_limit" and len(r.stdout) == 1024 and r.truncated.stdout
+        assert s.exec("echo alive").stdout == "alive\n"
+
+
 def test_exec_stream_events_arrive_before_the_end(sbx: Sandbox) -> None:
     t0 = time.monotonic()
     events = []

@@ -90,8 +90,8 @@ class ExecResult:
     @classmethod
     def from_json(cls, d: Dict[str, Any], stdout: str = "", stderr: str = "") -> "ExecResult":
         return cls(
-            stdout=d.get("stdout", stdout) if "stdout" in d else stdout,
-            stderr=d.get("stderr", stderr) if "stderr" in d else stderr,
+            stdout=d.get("stdout", stdout),
+            stderr=d.get("stderr", stderr),
             exit_code=d.get("exit_code"),
             signal=d.get("signal"),
             status=d.get("status") or "error",
