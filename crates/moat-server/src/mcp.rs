@@ -948,10 +948,17 @@ pub fn router(app: Arc<App>) -> Router {
 /// Authenticates a request to `/mcp` like any API request, and hands the caller on.
 async fn authenticate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let (mut parts, body) = req.into_parts();
+    let delete = parts.method == axum::http::Method::DELETE;
     match Caller::from_request_parts(&mut parts, &app).await {
         Ok(caller) => {
             parts.extensions.insert(caller);
-            next.run(Request::from_parts(parts, body)).await
+            let mut resp = next.run(Request::from_parts(parts, body)).await;
+            // Ending a session is answered 202 by rmcp; clients (the Python SDK) expect 200
+            // or 204 and warn otherwise.
+            if delete && resp.status() == axum::http::StatusCode::ACCEPTED {
+                *resp.status_mut() = axum::http::StatusCode::OK;
+            }
+            resp
         }
         Err(e) => e.into_response(),
     }

@@ -317,7 +317,9 @@ fn run_client_as(d: &Daemon, py: &Path, mode: &str, key: &str, env: &[(&str, &st
     let stderr = err_t.join().unwrap();
     let _ = killer.join();
     assert!(
-        status.success() && stdout.contains("MCP-FLOW-OK"),
+        status.success()
+            && stdout.contains("MCP-FLOW-OK")
+            && !stderr.contains("Session termination failed"),
         "the MCP client ({mode}) failed ({status}):\nstdout:\n{stdout}\nstderr:\n{stderr}\n\
          daemon log:\n{}",
         d.log()
