@@ -9,6 +9,8 @@ mod info_leaks;
 mod mcp;
 mod modes;
 mod programs;
+mod sdk_python;
+mod sdk_typescript;
 mod server;
 mod server_attacks;
 mod teardown;
