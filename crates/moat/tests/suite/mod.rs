@@ -10,7 +10,6 @@ mod mcp;
 mod modes;
 mod programs;
 mod sdk_python;
-mod sdk_typescript;
 mod server;
 mod server_attacks;
 mod teardown;
