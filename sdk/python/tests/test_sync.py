@@ -511,6 +511,11 @@ def test_errors(server: Server, sbx: Sandbox, monkeypatch: pytest.MonkeyPatch) -
         with pytest.raises(TooLargeError) as big:
             small.files.write("/work/big.bin", io.BytesIO(b"x" * (3 * MiB)))
         assert big.value.status == 413 and big.value.code == "too_large"
+    with pytest.raises(TooLargeError) as local:  # refused before sending, with what to do
+        sbx.exec(["cat"], stdin=b"x" * (3 * MiB))
+    assert "write_stdin" in local.value.message
+    # just under the limit goes through
+    assert len(sbx.exec(["wc", "-c"], stdin="y" * (1 * MiB)).stdout.split()[0]) == 7
 
     sbx.pause()
     with pytest.raises(ConflictError) as cf:

@@ -14,12 +14,14 @@ from ._errors import (
     ConnectionError,
     MoatError,
     TimeoutError,
+    TooLargeError,
     error_for,
 )
 
 DEFAULT_URL = "http://127.0.0.1:7070"
 USER_AGENT = "moat-python/0.1.0"
 CHUNK = 1 << 20  # upload / download chunk size
+MAX_JSON = 2 << 20  # the daemon's largest JSON request body
 # Plain calls: bounded. Calls that run commands or move files: no read timeout (a command may
 # run for hours; its own `timeout` bounds it on the server).
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
@@ -131,6 +133,16 @@ def exec_body(
         raise TypeError("stdin must be str or bytes")
     if timeout is not None:
         body["timeout_s"] = float(timeout)
+    size = len(body.get("stdin", "").encode("utf-8")) + len(body.get("stdin_b64", ""))
+    if size > MAX_JSON - 64 * 1024:
+        # Refused by the daemon anyway, and before the body is read, which a client still
+        # sending it may see as a dropped connection: say so here, and what to do instead.
+        raise TooLargeError(
+            f"stdin of {size} bytes (as sent) is over the daemon's {MAX_JSON}-byte request limit: "
+            "write the input to a file (sandbox.files.write) and redirect it, or start a "
+            "background process with stdin=True and send it with write_stdin",
+            code="too_large",
+        )
     return body
 
 
