@@ -6,7 +6,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
-import { createReadStream, createWriteStream, mkdtempSync, rmSync, statSync } from 'node:fs';
+import { createReadStream, createWriteStream, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
@@ -76,6 +76,16 @@ before(async () => {
 after(async () => {
   if (daemon) await daemon.stop();
   if (local) rmSync(local, { recursive: true, force: true });
+});
+
+test('the package has no runtime dependencies and ships its types', () => {
+  const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8'));
+  assert.equal(pkg.name, 'moat-sdk');
+  assert.equal(pkg.type, 'module');
+  assert.equal(pkg.dependencies, undefined);
+  assert.deepEqual(Object.keys(pkg.devDependencies).sort(), ['@types/node', 'typescript']);
+  assert.equal(pkg.types, './dist/index.d.ts');
+  assert.ok(statSync(new URL('../../dist/index.d.ts', import.meta.url)).size > 0);
 });
 
 describe('sandboxes', () => {
@@ -294,6 +304,20 @@ describe('exec', () => {
     assert.equal(n, 1);
     // The sandbox still serves.
     assert.equal((await sb.exec(['echo', 'ok'])).stdout, 'ok\n');
+  });
+
+  test('abortSignal stops waiting for a command', async () => {
+    const t0 = Date.now();
+    await assert.rejects(sb.exec(['sleep', '30'], { abortSignal: AbortSignal.timeout(300) }), (e: Error) =>
+      ['AbortError', 'TimeoutError'].includes(e.name),
+    );
+    const ac = new AbortController();
+    const it = sb.execStream(['sleep', '30'], { abortSignal: ac.signal });
+    const first = await it.next();
+    assert.equal(first.value?.type, 'start');
+    ac.abort();
+    await assert.rejects(it.next(), (e: Error) => e.name === 'AbortError');
+    assert.ok(Date.now() - t0 < 10_000);
   });
 
   test('exec with callbacks streams and still returns the whole result', async () => {

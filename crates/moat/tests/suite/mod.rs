@@ -9,6 +9,7 @@ mod info_leaks;
 mod mcp;
 mod modes;
 mod programs;
+mod sdk_typescript;
 mod sdk_python;
 mod server;
 mod server_attacks;
