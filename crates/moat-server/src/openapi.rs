@@ -41,6 +41,9 @@ const ROUTES: &[Route] = &[
     ("post", "/v1/tokens", "Issue a short-lived token for one sandbox and some scopes", Some("CreateToken"), 201, "Token"),
     ("get", "/v1/health", "Liveness (no authentication)", None, 200, "Health"),
     ("get", "/v1/openapi.json", "This document", None, 200, ""),
+    ("post", "/mcp", "MCP over streamable HTTP (JSON-RPC messages; the tools act as the bearer key)", None, 200, ""),
+    ("get", "/mcp", "MCP over streamable HTTP: the server-to-client event stream of a session", None, 200, ""),
+    ("delete", "/mcp", "MCP over streamable HTTP: end a session", None, 200, ""),
 ];
 
 fn schemas() -> Value {
