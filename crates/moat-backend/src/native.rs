@@ -196,7 +196,9 @@ fn make_cgroup(
             return Ok(None);
         }
     }
-    cgroup::sweep_stale(&host, stale_cgroup);
+    if sweep_due() {
+        cgroup::sweep_stale(&host, stale_cgroup);
+    }
     let l = &policy.limits;
     Cgroup::create(
         &host,
@@ -213,6 +215,28 @@ fn make_cgroup(
             "{e} (set security.allow_missing = [\"cgroups\"] to run without limits)"
         ))
     })
+}
+
+/// How often a long-lived starter (the daemon's spawner) sweeps stale sandbox cgroups.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether to sweep stale cgroups now: at a process's first sandbox (so every `moat run`
+/// sweeps, as before), then at most every [`SWEEP_EVERY`]. A sweep reads `cgroup.procs` of
+/// every sandbox cgroup in every hierarchy, so a spawner holding N sandboxes would pay 5N
+/// file reads per start; a stale cgroup is empty and only waits to be removed, so removing
+/// it a few seconds later changes nothing.
+fn sweep_due() -> bool {
+    use std::sync::Mutex;
+    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+    let Ok(mut last) = LAST.lock() else {
+        return true;
+    };
+    let now = Instant::now();
+    if last.is_some_and(|t| now.duration_since(t) < SWEEP_EVERY) {
+        return false;
+    }
+    *last = Some(now);
+    true
 }
 
 /// What init does once the sandbox's root is built and entered.
@@ -780,14 +804,9 @@ fn init_main(
         // stdio on /dev/null instead of the daemon's.
         let _ = sys::setsid();
         sys::reset_signal_dispositions();
-        if let Ok(null) = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/null")
-        {
-            for fd in 0..3 {
-                let _ = sys::dup2(null.as_raw_fd(), fd);
-            }
+        // With MOAT_TRACE=1 stderr stays until the agent is ready, for init's marks.
+        if !trace.on {
+            stdio_to_null();
         }
     } else {
         let _ = sys::set_parent_death_signal(libc::SIGKILL);
@@ -862,6 +881,7 @@ fn init_main(
         report(st_w, &format!("error {e}"));
         sys::exit_now(125);
     }
+    trace.mark("init", "root-entered");
     if let Err(e) = sys::block_signals(&INIT_SIGNALS) {
         report(st_w, &format!("error block signals: {e}"));
         sys::exit_now(125);
@@ -885,12 +905,27 @@ fn init_main(
                 policy,
                 landlock_abi,
                 prog,
+                ruleset: None,
+                seccomp_inherited: false,
             };
-            if let Err(e) = env.drop_to_sandbox_user(!rootless) {
-                report(st_w, &format!("error become the sandbox's user: {e}"));
-                sys::exit_now(125);
-            }
+            let ruleset = match env.drop_to_sandbox_user(!rootless) {
+                Ok(r) => r,
+                Err(e) => {
+                    report(st_w, &format!("error become the sandbox's user: {e}"));
+                    sys::exit_now(125);
+                }
+            };
+            // What the agent's processes start from: its own seccomp filter (inherited over
+            // fork and exec) and its Landlock ruleset, kept to be enforced again by each.
+            let env = ExecEnv {
+                ruleset: ruleset.as_ref(),
+                seccomp_inherited: true,
+                ..env
+            };
             trace.mark("init", "agent-ready");
+            if trace.on {
+                stdio_to_null();
+            }
             report(st_w, "ready");
             drop(fds.st_w);
             crate::agent::serve(listener, sigfd, env)
@@ -911,6 +946,8 @@ fn init_main(
                     policy,
                     landlock_abi,
                     prog,
+                    ruleset: None,
+                    seccomp_inherited: false,
                 },
                 argv,
                 extra_env: &no_env,
@@ -981,14 +1018,37 @@ fn init_main(
     sys::exit_now(0)
 }
 
+/// Points fds 0-2 at `/dev/null` (a persistent sandbox's init keeps none of its starter's).
+fn stdio_to_null() {
+    if let Ok(null) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for fd in 0..3 {
+            let _ = sys::dup2(null.as_raw_fd(), fd);
+        }
+    }
+}
+
 /// Reads up to a NUL byte (not included) or EOF; EOF before the NUL gives an empty vector.
+/// Reads in blocks: the host writes nothing after the NUL (it closes its end), so nothing
+/// is read past it (one read per block, not one per byte: the message names ~5 files).
 fn read_until_nul(fd: RawFd) -> Vec<u8> {
     let mut out = Vec::new();
-    let mut b = [0u8; 1];
+    let mut b = [0u8; 1024];
     loop {
         match sys::read(fd, &mut b) {
-            Ok(1) if b[0] == 0 => return out,
-            Ok(1) if out.len() < 64 << 10 => out.push(b[0]),
+            Ok(n) if n > 0 => {
+                if let Some(end) = b[..n].iter().position(|&c| c == 0) {
+                    out.extend_from_slice(&b[..end]);
+                    return out;
+                }
+                if out.len() + n > 64 << 10 {
+                    return Vec::new();
+                }
+                out.extend_from_slice(&b[..n]);
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             _ => return Vec::new(),
         }
@@ -1041,6 +1101,16 @@ pub(crate) struct ExecEnv<'a> {
     pub(crate) policy: &'a Policy,
     pub(crate) landlock_abi: u32,
     pub(crate) prog: &'a [SockFilter],
+    /// The sandbox's Landlock ruleset, already built (by the agent, from this policy, in
+    /// this root): a process enforces it instead of building the same one again. It still
+    /// gets a Landlock layer of its own, nested in the agent's (so it cannot ptrace or,
+    /// from ABI 6, signal the agent); only the ~25 syscalls of building it go.
+    pub(crate) ruleset: Option<&'a ll::Ruleset>,
+    /// This process (the agent) runs under `prog` already, and every process it forks
+    /// inherits that filter over fork and exec: a second copy of the same program would
+    /// return the same verdicts (no syscall more or less is allowed), and only cost its
+    /// install and a second run on every syscall.
+    pub(crate) seccomp_inherited: bool,
 }
 
 impl ExecEnv<'_> {
@@ -1070,9 +1140,18 @@ impl ExecEnv<'_> {
         env
     }
 
+    /// Enforces the sandbox's Landlock ruleset on this process: the prebuilt one when there
+    /// is one, else built now ([`ExecEnv::ruleset`]).
+    pub(crate) fn landlock(&self) -> io::Result<()> {
+        match self.ruleset {
+            Some(rs) => rs.enforce(),
+            None => self.build_ruleset()?.restrict_self(),
+        }
+    }
+
     /// The Landlock ruleset of the sandbox: read and execute everywhere, write only where
     /// the policy makes the file system writable.
-    pub(crate) fn landlock(&self) -> io::Result<()> {
+    fn build_ruleset(&self) -> io::Result<ll::Ruleset> {
         let abi = self.landlock_abi;
         let all = ll::fs_rights_for_abi(abi);
         let scoped = if abi >= 6 {
@@ -1095,13 +1174,14 @@ impl ExecEnv<'_> {
         for m in &self.policy.fs.mounts {
             rs.allow(&m.dst, if m.rw { all } else { read })?;
         }
-        rs.restrict_self()
+        Ok(rs)
     }
 
     /// init becoming the agent: the workload's uid and gid, no capabilities, no new
     /// privileges, the workload's Landlock ruleset and seccomp filter, not dumpable. From
     /// here every file operation of the agent is the sandbox user's, inside the sandbox.
-    fn drop_to_sandbox_user(&self, set_groups: bool) -> io::Result<()> {
+    /// Returns the Landlock ruleset (when Landlock is on), for the agent's processes.
+    fn drop_to_sandbox_user(&self, set_groups: bool) -> io::Result<Option<ll::Ruleset>> {
         let ctx = |what: &'static str| {
             move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"))
         };
@@ -1110,13 +1190,17 @@ impl ExecEnv<'_> {
         sys::set_ids(p.process.uid, p.process.gid, set_groups).map_err(ctx("set uid/gid"))?;
         moat_sys::caps::clear_all().map_err(ctx("clear capabilities"))?;
         sys::set_no_new_privs().map_err(ctx("no_new_privs"))?;
-        if self.landlock_abi > 0 {
-            self.landlock().map_err(ctx("landlock"))?;
-        }
+        let ruleset = if self.landlock_abi > 0 {
+            let rs = self.build_ruleset().map_err(ctx("landlock"))?;
+            rs.enforce().map_err(ctx("landlock"))?;
+            Some(rs)
+        } else {
+            None
+        };
         // Changing the euid made us dumpable again.
         sys::set_not_dumpable().map_err(ctx("not dumpable"))?;
         moat_sys::seccomp::install(self.prog).map_err(ctx("install seccomp filter"))?;
-        Ok(())
+        Ok(ruleset)
     }
 }
 
@@ -1231,7 +1315,9 @@ impl Workload<'_> {
         let path = to_c(&path)?;
         sys::close_fds_from(3, Some(self.xe_w as libc::c_uint))
             .map_err(e("close inherited fds"))?;
-        moat_sys::seccomp::install(self.env.prog).map_err(e("install seccomp filter"))?;
+        if !self.env.seccomp_inherited {
+            moat_sys::seccomp::install(self.env.prog).map_err(e("install seccomp filter"))?;
+        }
         Ok((path, argv, envp))
     }
 }

@@ -160,6 +160,15 @@ impl Ruleset {
 
     /// Enforces the ruleset on this thread (needs no_new_privs).
     pub fn restrict_self(self) -> io::Result<()> {
+        self.enforce()
+    }
+
+    /// Enforces the ruleset on this thread and keeps it: a process that starts many
+    /// children can build it once and let each child [`Ruleset::enforce`] it again (each
+    /// gets a new domain layer with the same rules, exactly as if it had built the ruleset
+    /// itself; the kernel copies the rules into the domain, so a ruleset changed later does
+    /// not change a domain already made).
+    pub fn enforce(&self) -> io::Result<()> {
         // SAFETY: valid ruleset fd, flags 0.
         cvt_long(unsafe {
             libc::syscall(libc::SYS_landlock_restrict_self, self.fd.as_raw_fd(), 0u32)
