@@ -567,6 +567,7 @@ impl Cgroup {
         write(&file, value)?;
         let start = Instant::now();
         let mut last_write = start;
+        let mut pause = Backoff::new(Duration::from_millis(2));
         while !state() {
             if start.elapsed() >= FREEZE_TIMEOUT {
                 if on {
@@ -596,7 +597,7 @@ impl Cgroup {
                 write(&file, value)?;
                 last_write = Instant::now();
             }
-            std::thread::sleep(Duration::from_millis(2));
+            pause.sleep();
         }
         Ok(())
     }
@@ -635,6 +636,12 @@ impl Cgroup {
                 return write(&f, "1");
             }
         }
+        // Nothing left in it (the common case when the sandbox's init is gone: its pid
+        // namespace took every process with it, and none can be forked in a dead one):
+        // nothing to kill, and no pid to keep from being reused by freezing first.
+        if paths.iter().all(|d| read_procs(d).is_empty()) {
+            return Ok(());
+        }
         let frozen = self.dir(Controller::Freezer).is_some() && self.freeze().is_ok();
         for d in &paths {
             for pid in read_procs(d) {
@@ -666,6 +673,7 @@ impl Cgroup {
         self.dirs.clear();
         let start = Instant::now();
         let mut failed = None;
+        let mut pause = Backoff::new(Duration::from_millis(5));
         for d in dirs {
             loop {
                 match fs::remove_dir(&d) {
@@ -685,11 +693,33 @@ impl Cgroup {
                         });
                         break;
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    Err(_) => pause.sleep(),
                 }
             }
         }
         failed.map_or(Ok(()), Err)
+    }
+}
+
+/// Sleeps between checks of something the kernel finishes soon (a freeze, the last task of
+/// a killed sandbox leaving its cgroup): 50 µs first, doubling up to `max`, so a wait that
+/// ends within a fraction of a millisecond costs no more than that.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Backoff {
+        Backoff {
+            next: Duration::from_micros(50),
+            max,
+        }
+    }
+
+    fn sleep(&mut self) {
+        std::thread::sleep(self.next);
+        self.next = (self.next * 2).min(self.max);
     }
 }
 
