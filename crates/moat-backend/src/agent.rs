@@ -81,7 +81,11 @@ pub(crate) fn serve(listener: OwnedFd, sigfd: OwnedFd, env: ExecEnv<'_>) -> ! {
         tmp_seq: 0,
         busy: false,
         accept_paused_until: None,
+        trim: false,
     };
+    // What the start left on the heap (the spawner's request, the root's paths) is free
+    // now: an idle agent should hold only what it uses.
+    sys::release_free_memory();
     loop {
         agent.turn();
     }
@@ -239,6 +243,9 @@ struct Agent<'a> {
     /// After an accept error (out of fds, memory), the listener rests a little instead of
     /// waking the loop at once again.
     accept_paused_until: Option<Instant>,
+    /// A connection or process went, and with it its buffers: give free memory back to the
+    /// kernel at the end of this turn (after the answers are written).
+    trim: bool,
 }
 
 fn now_ms() -> u64 {
@@ -335,6 +342,9 @@ impl Agent<'_> {
         self.busy = false;
         self.progress();
         self.flush_all();
+        if std::mem::take(&mut self.trim) {
+            sys::release_free_memory();
+        }
     }
 
     /// Stdin bytes queued for processes on behalf of connection `id`.
@@ -1209,6 +1219,7 @@ impl Agent<'_> {
         let Some(p) = self.procs.remove(&pid) else {
             return;
         };
+        self.trim = true;
         if let Some(conn) = p.conn {
             for (ch, channel) in [(0, Channel::Stdout), (1, Channel::Stderr)] {
                 if !p.eof_sent[ch] {
@@ -1242,6 +1253,7 @@ impl Agent<'_> {
             };
             if let Some(pid) = self.finished.remove(idx) {
                 self.procs.remove(&pid);
+                self.trim = true;
             }
         }
     }
@@ -1397,6 +1409,7 @@ impl Agent<'_> {
         let Some(c) = self.conns.remove(&id) else {
             return;
         };
+        self.trim = true;
         for op in c.files.into_values() {
             if let FileOp::Write { tmp, .. } = op {
                 let _ = fs::remove_file(tmp);

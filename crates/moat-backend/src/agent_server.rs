@@ -60,6 +60,9 @@ pub enum ConnError {
 /// added past it.
 pub const OUTPUT_BOUND: usize = 4 << 20;
 
+/// Most output buffer capacity a connection keeps once its output is all written.
+const KEPT_OUTPUT_CAPACITY: usize = 64 << 10;
+
 /// One host connection, agent side.
 #[derive(Debug)]
 pub struct AgentConn {
@@ -114,6 +117,11 @@ impl AgentConn {
     /// Drops the first `n` bytes of [`AgentConn::output`] (they were written).
     pub fn consume(&mut self, n: usize) {
         self.out.drain(..n.min(self.out.len()));
+        // A burst of output (up to OUTPUT_BOUND and a frame) leaves no buffer that size
+        // behind on a connection that may then idle for hours.
+        if self.out.is_empty() && self.out.capacity() > KEPT_OUTPUT_CAPACITY {
+            self.out = Vec::new();
+        }
     }
 
     /// Whether the host's Hello arrived.

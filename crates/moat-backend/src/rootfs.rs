@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 /// Host directories bound read-only into a default root.
 const HOST_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 
-/// Files copied from the host's `/etc` into the sanitised one (nothing secret, nothing that
+/// Files copied (or, larger than a page, bound read-only) from the host's `/etc` into the sanitised one (nothing secret, nothing that
 /// names the host): what the C library and common runtimes read. Missing ones are skipped;
 /// only world-readable files are copied. Kept short: every file is paid for at each start.
 const ETC_FILES: &[&str] = &[
@@ -33,6 +33,9 @@ const ETC_FILES: &[&str] = &[
     "protocols",
     "mime.types",
 ];
+
+/// Largest `ETC_FILES` file copied (one page of the root tmpfs); larger ones are bound.
+const ETC_COPY_MAX: u64 = 4096;
 
 /// Directories bound read-only from the host's `/etc`: Debian's `alternatives` symlink farm
 /// and the public CA certificates. Not `/etc/ssl/private`.
@@ -119,17 +122,34 @@ fn tmpfs(dst: &str, flags: libc::c_ulong, opts: &str) -> io::Result<()> {
         .map_err(ctx(format!("tmpfs on {dst}")))
 }
 
-/// Hides `p` (when it exists) with one mount: `/dev/null` over a file (reads give nothing,
-/// writes vanish), an empty read-only tmpfs over a directory.
-fn mask(p: &str) -> io::Result<()> {
-    match fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => tmpfs(
-            p,
-            MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-            "size=0,nr_inodes=1",
-        ),
-        Ok(_) => bind_plain("/dev/null", p),
-        Err(_) => Ok(()),
+/// Hides paths with one mount each: `/dev/null` over a file (reads give nothing, writes
+/// vanish), an empty read-only tmpfs over a directory. Every masked directory shows the same
+/// tmpfs (the first one mounted, bound onto the others): it is read-only at the superblock
+/// and holds nothing, so sharing it shares nothing, and each further directory costs a bind
+/// instead of a filesystem instance of its own (a superblock, its root inode and dentry).
+#[derive(Default)]
+struct Masker {
+    empty_dir: Option<String>,
+}
+
+impl Masker {
+    fn mask(&mut self, p: &str) -> io::Result<()> {
+        match fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => match &self.empty_dir {
+                Some(empty) => bind_plain(empty, p),
+                None => {
+                    tmpfs(
+                        p,
+                        MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                        "size=0,nr_inodes=1",
+                    )?;
+                    self.empty_dir = Some(p.to_string());
+                    Ok(())
+                }
+            },
+            Ok(_) => bind_plain("/dev/null", p),
+            Err(_) => Ok(()),
+        }
     }
 }
 
@@ -208,8 +228,9 @@ pub fn build(policy: &Policy, ids: &Ids, mountpoint: &str) -> io::Result<String>
 
     build_dev(policy, &nr("/dev"), default_root)?;
 
+    let mut masker = Masker::default();
     for name in PROC_MASKED.iter().chain(PROC_HIDDEN_DIRS) {
-        mask(&nr(&format!("/proc/{name}")))?;
+        masker.mask(&nr(&format!("/proc/{name}")))?;
     }
     let sys = nr("/proc/sys");
     bind(&sys, &sys, MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)?;
@@ -242,7 +263,7 @@ pub fn build(policy: &Policy, ids: &Ids, mountpoint: &str) -> io::Result<String>
         )
         .map_err(ctx("mount /sys"))?;
         for name in SYS_MASKED {
-            mask(&nr(&format!("/sys/{name}")))?;
+            masker.mask(&nr(&format!("/sys/{name}")))?;
         }
     }
 
@@ -431,15 +452,25 @@ fn fill_etc(policy: &Policy, etc: &str) -> io::Result<()> {
             Ok(m) if m.file_type().is_symlink() => {
                 symlink(fs::read_link(&src)?, &dst).map_err(ctx(format!("symlink {dst}")))?
             }
-            // Only world-readable files: nothing the host keeps private is copied.
+            // Only world-readable files: nothing the host keeps private is copied. A file of
+            // more than a page is bound read-only instead: the sandbox reads the same bytes
+            // (from the host's page cache, shared by every sandbox) rather than a private
+            // copy in its root tmpfs (ld.so.cache, mime.types and services: ~130 KiB of
+            // memory per sandbox, and the copying). It cannot write it: read-only mount,
+            // root-owned on the host, and outside Landlock's writable paths.
             Ok(m)
                 if m.is_file() && m.len() <= 4 << 20 && {
                     use std::os::unix::fs::PermissionsExt;
                     m.permissions().mode() & 0o004 != 0
                 } =>
             {
-                moat_sys::fs::copy_small_file(&src, &dst, 0o644, 1 << 20)
-                    .map_err(ctx(format!("copy {src}")))?;
+                if m.len() > ETC_COPY_MAX {
+                    touch(&dst)?;
+                    bind(&src, &dst, MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)?;
+                } else {
+                    moat_sys::fs::copy_small_file(&src, &dst, 0o644, 1 << 20)
+                        .map_err(ctx(format!("copy {src}")))?;
+                }
             }
             _ => {}
         }
