@@ -162,6 +162,7 @@ fn plan(policy: &Policy) -> Result<Plan, RunError> {
 fn make_cgroup(
     policy: &Policy,
     name: &str,
+    persistent: bool,
     missing: &mut Vec<String>,
 ) -> Result<Option<Cgroup>, RunError> {
     let mut host = cgroup::Host::detect();
@@ -198,6 +199,12 @@ fn make_cgroup(
     }
     if sweep_due() {
         cgroup::sweep_stale(&host, stale_cgroup);
+    }
+    if !persistent {
+        // The v1 freezer and cpuacct hierarchies serve a persistent sandbox's pause and
+        // metrics; a one-shot run needs neither (its CPU time comes from wait4), and each
+        // hierarchy is a directory to make, join and remove at every start.
+        host.extra.clear();
     }
     let l = &policy.limits;
     Cgroup::create(
@@ -323,6 +330,7 @@ fn start(
         ));
     }
     let mut plan = plan(policy)?;
+    let persistent = matches!(job, InitJob::Agent { .. });
     let rootless = sys::effective_uid() != 0;
     let prog = crate::seccomp_prog::DEFAULT_PROGRAM;
     let mountpoint = rootfs::mountpoint(rootless)
@@ -397,7 +405,7 @@ fn start(
         fs::write(format!("/proc/{pid}/gid_map"), gid_map).map_err(io_ctx("write gid_map"))?;
         sys::write_all(sync_w.as_raw_fd(), b"G").map_err(io_ctx("start the sandbox"))?;
         trace.mark("host", "released");
-        cg = make_cgroup(policy, &name, &mut plan.missing)?;
+        cg = make_cgroup(policy, &name, persistent, &mut plan.missing)?;
         // "C", then the cgroup files init writes "0" to itself (v1), then a NUL.
         let mut msg = b"C".to_vec();
         if let Some(cg) = &cg {
