@@ -9,7 +9,7 @@
 
 pub mod agent_client;
 pub mod app;
-mod b64;
+pub mod b64;
 pub mod error;
 pub mod events;
 mod exec;

@@ -137,7 +137,7 @@ fn fail(e: &Error) -> i32 {
 fn write_chunk(ev: &Value, out: &mut dyn Write) -> std::io::Result<()> {
     if let Some(d) = ev["data"].as_str() {
         out.write_all(d.as_bytes())?;
-    } else if let Some(b) = ev["data_b64"].as_str().and_then(text::b64_decode) {
+    } else if let Some(b) = ev["data_b64"].as_str().and_then(moat_server::b64::decode) {
         out.write_all(&b)?;
     }
     out.flush()
@@ -216,7 +216,7 @@ fn exec_inner(a: &ExecArgs) -> Result<i32> {
             .lock()
             .read_to_end(&mut buf)
             .map_err(|e| Error::Msg(format!("reading stdin to send it: {e}")))?;
-        body.insert("stdin_b64".into(), json!(text::b64_encode(&buf)));
+        body.insert("stdin_b64".into(), json!(moat_server::b64::encode(&buf)));
     }
     let body = Value::Object(body).to_string();
     let path = sandbox_path(&a.id, "/exec");

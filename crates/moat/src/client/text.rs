@@ -99,61 +99,6 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 with padding.
-pub fn b64_encode(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        let idx = |shift: u32| char::from(B64[((n >> shift) & 63) as usize]);
-        out.push(idx(18));
-        out.push(idx(12));
-        out.push(if chunk.len() > 1 { idx(6) } else { '=' });
-        out.push(if chunk.len() > 2 { idx(0) } else { '=' });
-    }
-    out
-}
-
-/// Standard base64, padding optional, whitespace ignored. `None` on any other byte.
-pub fn b64_decode(text: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len() / 4 * 3);
-    let mut acc: u32 = 0;
-    let mut bits = 0u32;
-    let mut ended = false;
-    for &c in text.as_bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            b'=' => {
-                ended = true;
-                continue;
-            }
-            b' ' | b'\n' | b'\r' | b'\t' => continue,
-            _ => return None,
-        };
-        if ended {
-            return None;
-        }
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
-}
-
 /// Percent-encodes one URL path segment (everything but unreserved characters).
 pub fn path_segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -296,27 +241,6 @@ mod tests {
             "ID         STATE    META\nsbx_1      running  a=b\nsbx_22222  paused   -\n"
         );
         assert_eq!(table(&["A", "B"], &[]), "A  B\n");
-    }
-
-    #[test]
-    fn base64_round_trips() {
-        for (raw, enc) in [
-            (&b""[..], ""),
-            (b"f", "Zg=="),
-            (b"fo", "Zm8="),
-            (b"foo", "Zm9v"),
-            (b"foobar", "Zm9vYmFy"),
-            (b"\xff\x00\xfe", "/wD+"),
-        ] {
-            assert_eq!(b64_encode(raw), enc);
-            assert_eq!(b64_decode(enc).unwrap(), raw);
-        }
-        assert_eq!(b64_decode("Zm9v\nYmFy").unwrap(), b"foobar");
-        assert_eq!(b64_decode("Zg").unwrap(), b"f");
-        assert!(b64_decode("Zm9v!").is_none());
-        assert!(b64_decode("Zg==Zg").is_none());
-        let all: Vec<u8> = (0..=255u8).collect();
-        assert_eq!(b64_decode(&b64_encode(&all)).unwrap(), all);
     }
 
     #[test]

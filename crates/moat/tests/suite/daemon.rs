@@ -266,6 +266,29 @@ impl Daemon {
             .to_string()
     }
 
+    /// Revokes the key named `name` with `moat key ls` and `moat key revoke`.
+    pub fn revoke_key(&self, name: &str) {
+        let out = Command::new(moat_bin())
+            .args(["key", "ls", "--json", "--state-dir"])
+            .arg(&self.state)
+            .output()
+            .expect("moat key ls");
+        let keys: Value = serde_json::from_slice(&out.stdout).expect("moat key ls --json");
+        let id = keys
+            .as_array()
+            .or_else(|| keys["keys"].as_array())
+            .and_then(|ks| ks.iter().find(|k| k["name"] == name))
+            .and_then(|k| k["id"].as_str())
+            .unwrap_or_else(|| panic!("no key named {name}: {keys}"))
+            .to_string();
+        let st = Command::new(moat_bin())
+            .args(["key", "revoke", &id, "--state-dir"])
+            .arg(&self.state)
+            .status()
+            .expect("moat key revoke");
+        assert!(st.success(), "moat key revoke {id}");
+    }
+
     pub fn fence_dirs(&self) -> Vec<PathBuf> {
         self.fence.paths()
     }

@@ -537,28 +537,7 @@ fn tenancy_keys_and_scoped_tokens() {
     );
     assert_eq!(r.status, 401);
     // A revoked key stops working at once.
-    let out = std::process::Command::new(super::harness::moat_bin())
-        .args(["key", "ls", "--json", "--state-dir"])
-        .arg(&d.state)
-        .output()
-        .unwrap();
-    let keys: Value = serde_json::from_slice(&out.stdout).expect("moat key ls --json");
-    let bob_id = keys
-        .as_array()
-        .or_else(|| keys["keys"].as_array())
-        .unwrap()
-        .iter()
-        .find(|k| k["name"] == "bob")
-        .unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let st = std::process::Command::new(super::harness::moat_bin())
-        .args(["key", "revoke", &bob_id, "--state-dir"])
-        .arg(&d.state)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    d.revoke_key("bob");
     assert_eq!(d.api_as(&bob, "GET", "/v1/sandboxes", None).status, 401);
 }
 
