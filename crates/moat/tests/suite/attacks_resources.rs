@@ -96,7 +96,9 @@ fn shell_fork_bomb_is_contained() {
         "the bomb never hit the pids limit: {r:?}"
     );
     assert_eq!(r.status, Status::Ok, "{r:?}");
-    assert_eq!(r.exit_code, Some(0), "{r:?}");
+    // 0, or 2 when the bombers took the last pids before the workload's own shell forked
+    // `sleep` (the same limit refusing it too: "Cannot fork").
+    assert!(matches!(r.exit_code, Some(0) | Some(2)), "{r:?}");
     nothing_left(&marker);
 }
 
