@@ -315,6 +315,27 @@ fn audit_data(spec: &ExecSpec, fin: &Finished) -> Value {
            "status": fin.status.as_str(), "wall_ms": fin.wall_ms, "truncated": fin.truncated})
 }
 
+/// Checks an exec request of `caller` against sandbox `id` and counts it: the sandbox, the
+/// stdin to send, and the request for the agent.
+fn prepare(
+    app: &Arc<App>,
+    caller: &Caller,
+    id: &str,
+    body: &CommandBody,
+) -> ApiResult<(Arc<Sandbox>, Option<Vec<u8>>, ExecSpec)> {
+    let sbx = app.visible(caller, id, Scope::Exec)?;
+    sbx.require_running()?;
+    if body.pty.is_some() || body.kind.is_some() {
+        return Err(ApiError::bad_request(
+            "`pty` and `type` are for the WebSocket (GET .../exec/ws)",
+        ));
+    }
+    let stdin = body.stdin_bytes()?;
+    let spec = body.spec(&sbx, stdin.is_some(), None, false)?;
+    app.counters.execs.fetch_add(1, Ordering::Relaxed);
+    Ok((sbx, stdin, spec))
+}
+
 pub async fn exec(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -326,17 +347,8 @@ pub async fn exec(
     if !wants_ndjson(&headers) {
         return Ok(Json(run_to_end(&app, &caller, &id, body).await?).into_response());
     }
-    let sbx = app.visible(&caller, &id, Scope::Exec)?;
-    sbx.require_running()?;
-    if body.pty.is_some() || body.kind.is_some() {
-        return Err(ApiError::bad_request(
-            "`pty` and `type` are for the WebSocket (GET .../exec/ws)",
-        ));
-    }
-    let stdin = body.stdin_bytes()?;
-    let spec = body.spec(&sbx, stdin.is_some(), None, false)?;
+    let (sbx, stdin, spec) = prepare(&app, &caller, &id, &body)?;
     let cap = sbx.policy.limits.output;
-    app.counters.execs.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
     // Streamed: a connection of its own, so a slow reader stalls only this command.
     let agent = sbx.dedicated().await?;
@@ -384,17 +396,8 @@ pub async fn run_to_end(
     id: &str,
     body: CommandBody,
 ) -> ApiResult<ExecResult> {
-    let sbx = app.visible(caller, id, Scope::Exec)?;
-    sbx.require_running()?;
-    if body.pty.is_some() || body.kind.is_some() {
-        return Err(ApiError::bad_request(
-            "`pty` and `type` are for the WebSocket (GET .../exec/ws)",
-        ));
-    }
-    let stdin = body.stdin_bytes()?;
-    let spec = body.spec(&sbx, stdin.is_some(), None, false)?;
+    let (sbx, stdin, spec) = prepare(app, caller, id, &body)?;
     let cap = sbx.policy.limits.output;
-    app.counters.execs.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
     let exec = sbx.agent.exec(spec.clone()).await?;
     let mut out = Vec::new();
