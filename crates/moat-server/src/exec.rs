@@ -203,6 +203,7 @@ async fn drive(
         wall_ms: 0,
     };
     while let Some(ev) = exec.next().await {
+        let is_stderr = matches!(ev, ExecEvent::Stderr(_));
         match ev {
             ExecEvent::Started { pid } => {
                 if !sink(Sink::Started(pid)) {
@@ -210,24 +211,24 @@ async fn drive(
                 }
             }
             ExecEvent::Stdout(b) | ExecEvent::Stderr(b) if over || gone => drop(b),
-            ExecEvent::Stdout(b) => {
-                let keep = take(&mut sent[0], cap, &b, &mut truncated.stdout);
-                if !sink(Sink::Stdout(&b[..keep])) {
+            ExecEvent::Stdout(b) | ExecEvent::Stderr(b) => {
+                let (n, flag) = if is_stderr {
+                    (&mut sent[1], &mut truncated.stderr)
+                } else {
+                    (&mut sent[0], &mut truncated.stdout)
+                };
+                let keep = take(n, cap, &b, flag);
+                let cut = *flag;
+                let part = &b[..keep];
+                if !sink(if is_stderr {
+                    Sink::Stderr(part)
+                } else {
+                    Sink::Stdout(part)
+                }) {
                     gone = true;
                     let _ = input.cancel();
                 }
-                if truncated.stdout {
-                    over = true;
-                    let _ = input.cancel();
-                }
-            }
-            ExecEvent::Stderr(b) => {
-                let keep = take(&mut sent[1], cap, &b, &mut truncated.stderr);
-                if !sink(Sink::Stderr(&b[..keep])) {
-                    gone = true;
-                    let _ = input.cancel();
-                }
-                if truncated.stderr {
+                if cut {
                     over = true;
                     let _ = input.cancel();
                 }
