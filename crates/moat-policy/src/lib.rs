@@ -2,6 +2,7 @@
 //!
 //! Pure logic, no I/O beyond parsing a string the caller read.
 
+pub mod egress;
 pub mod policy;
 pub mod seccomp;
 pub mod units;
