@@ -342,6 +342,13 @@ pub enum Request {
         /// Signal number, 1 to 64.
         signal: i32,
     },
+    /// Egress relay (sandboxes whose network mode is `allowlist`): the agent waits for the
+    /// next connection a workload makes to its loopback proxy port, answers `Relayed`, and
+    /// from then on this whole unix connection carries that TCP connection's raw bytes both
+    /// ways (no more frames). The host sends it as the only request of a fresh connection
+    /// and sends nothing after it until `Relayed`. Answer: `Relayed`, or `Error`
+    /// (`invalid_request` when the sandbox has no egress port).
+    Relay {},
 }
 
 impl Request {
@@ -380,6 +387,7 @@ impl Request {
             Request::ProcOutput { .. } => "proc_output",
             Request::ProcStdin { .. } => "proc_stdin",
             Request::SignalPid { .. } => "signal_pid",
+            Request::Relay {} => "relay",
         }
     }
 
@@ -457,7 +465,7 @@ impl Request {
                 validate_path("from", from)?;
                 validate_path("to", to)
             }
-            Request::Metrics {} | Request::Procs {} => Ok(()),
+            Request::Metrics {} | Request::Procs {} | Request::Relay {} => Ok(()),
             Request::ProcOutput { pid, .. } | Request::ProcStdin { pid, .. } => validate_pid(*pid),
             Request::SignalPid { pid, signal } => {
                 validate_pid(*pid)?;
@@ -679,6 +687,11 @@ pub enum Response {
         /// Processes (tasks) alive now, the agent included.
         pids: u32,
     },
+    /// A workload connected to the egress port (`Relay`); final: raw bytes follow.
+    Relayed {
+        /// The workload's source port on the sandbox's loopback.
+        peer_port: u16,
+    },
     /// The request failed; final.
     Error {
         code: ErrorCode,
@@ -719,6 +732,7 @@ impl Response {
             Response::Ok {} => "ok",
             Response::Metrics { .. } => "metrics",
             Response::ProcList { .. } => "proc_list",
+            Response::Relayed { .. } => "relayed",
             Response::Error { .. } => "error",
         }
     }
@@ -766,6 +780,7 @@ impl Response {
             Response::Started { .. }
             | Response::FileDone { .. }
             | Response::Ok {}
+            | Response::Relayed { .. }
             | Response::Metrics { .. } => Ok(()),
         }
     }

@@ -30,6 +30,7 @@ use moat_sys::process::{self as sys, ExitInfo};
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -43,6 +44,14 @@ pub const MAX_FINISHED: usize = 256;
 /// Most retained output kept for finished background processes together; the oldest are
 /// forgotten first beyond it (the agent's memory counts against the sandbox's limit).
 pub const MAX_FINISHED_RETAINED: usize = 64 << 20;
+/// The loopback port inside the sandbox where workloads reach moat's egress proxy
+/// (`allowlist` network mode): HTTP CONNECT, plain HTTP and SOCKS5, relayed to the host.
+pub const EGRESS_PORT: u16 = 3128;
+/// Workload connections to the egress port waiting for the host to take them; more are
+/// closed at once (the workload sees a reset).
+const MAX_RELAY_BACKLOG: usize = 64;
+/// Bytes buffered per direction of one relayed connection.
+const RELAY_BUF: usize = 64 << 10;
 /// Largest Data payload the agent sends.
 const CHUNK: usize = DEFAULT_MAX_PAYLOAD;
 /// Most bytes read from one pipe per turn of the loop.
@@ -82,7 +91,18 @@ pub(crate) fn serve(listener: OwnedFd, sigfd: OwnedFd, env: ExecEnv<'_>) -> ! {
         busy: false,
         accept_paused_until: None,
         trim: false,
+        egress: None,
+        relay_backlog: VecDeque::new(),
+        relay_waiters: VecDeque::new(),
+        relays: BTreeMap::new(),
+        next_relay: 1,
     };
+    if agent.env.policy.network.mode == moat_policy::NetworkMode::Allowlist {
+        // Bound before the first request: no workload runs yet that could take the port.
+        agent.egress = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, EGRESS_PORT))
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .ok();
+    }
     // What the start left on the heap (the spawner's request, the root's paths) is free
     // now: an idle agent should hold only what it uses.
     sys::release_free_memory();
@@ -215,6 +235,143 @@ struct Conn {
     outputs: BTreeMap<u32, Follower>,
     /// Close at the end of this turn (violation, host gone, write error).
     dead: bool,
+    /// This connection asked for a relay (`Relay`) on that stream and waits for a
+    /// workload connection.
+    relay_wait: Option<u32>,
+    /// Paired with this workload connection: once `Relayed` is written, the connection
+    /// becomes a raw relay.
+    relay_to: Option<TcpStream>,
+}
+
+/// A workload's TCP connection to the egress port, relayed raw over a host connection.
+struct RelayPipe {
+    tcp: TcpStream,
+    host: UnixStream,
+    /// Workload to host, and what of it is written.
+    up: Vec<u8>,
+    up_off: usize,
+    /// Host to workload.
+    down: Vec<u8>,
+    down_off: usize,
+    tcp_eof: bool,
+    host_eof: bool,
+    up_shut: bool,
+    down_shut: bool,
+}
+
+impl RelayPipe {
+    /// Moves what it can both ways without blocking; false once the relay is over.
+    fn pump(&mut self) -> bool {
+        loop {
+            let mut moved = false;
+            match step(
+                &mut self.tcp,
+                &mut self.host,
+                &mut self.up,
+                &mut self.up_off,
+                &mut self.tcp_eof,
+            ) {
+                Ok(m) => moved |= m,
+                Err(()) => return false,
+            }
+            match step(
+                &mut self.host,
+                &mut self.tcp,
+                &mut self.down,
+                &mut self.down_off,
+                &mut self.host_eof,
+            ) {
+                Ok(m) => moved |= m,
+                Err(()) => return false,
+            }
+            if self.tcp_eof && self.up_off == self.up.len() && !self.up_shut {
+                let _ = self.host.shutdown(Shutdown::Write);
+                self.up_shut = true;
+            }
+            if self.host_eof && self.down_off == self.down.len() && !self.down_shut {
+                let _ = self.tcp.shutdown(Shutdown::Write);
+                self.down_shut = true;
+            }
+            if self.up_shut && self.down_shut {
+                return false;
+            }
+            if !moved {
+                return true;
+            }
+        }
+    }
+
+    fn events(&self) -> (i16, i16) {
+        let (mut tcp, mut host) = (0, 0);
+        if self.up_off == self.up.len() && !self.tcp_eof {
+            tcp |= libc::POLLIN;
+        }
+        if self.up_off < self.up.len() {
+            host |= libc::POLLOUT;
+        }
+        if self.down_off == self.down.len() && !self.host_eof {
+            host |= libc::POLLIN;
+        }
+        if self.down_off < self.down.len() {
+            tcp |= libc::POLLOUT;
+        }
+        (tcp, host)
+    }
+}
+
+/// One direction of a relay: refills `buf` from `from` when it is empty, writes it to
+/// `to`. Ok(true) when bytes moved or EOF was seen; Err when either side failed.
+fn step(
+    from: &mut impl Read,
+    to: &mut impl Write,
+    buf: &mut Vec<u8>,
+    off: &mut usize,
+    eof: &mut bool,
+) -> Result<bool, ()> {
+    let mut moved = false;
+    if *off == buf.len() && !*eof {
+        buf.resize(RELAY_BUF, 0);
+        match from.read(buf) {
+            Ok(0) => {
+                buf.clear();
+                *off = 0;
+                *eof = true;
+                moved = true;
+            }
+            Ok(n) => {
+                buf.truncate(n);
+                *off = 0;
+                moved = true;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                buf.clear();
+                *off = 0;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                buf.clear();
+                *off = 0;
+                moved = true;
+            }
+            Err(_) => return Err(()),
+        }
+    }
+    while *off < buf.len() {
+        match to.write(&buf[*off..]) {
+            Ok(0) => return Err(()),
+            Ok(n) => {
+                *off += n;
+                moved = true;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Err(()),
+        }
+    }
+    if *off == buf.len() && buf.capacity() > 0 && *eof {
+        *buf = Vec::new();
+        *off = 0;
+    }
+    Ok(moved)
 }
 
 #[derive(Clone, Copy)]
@@ -224,6 +381,8 @@ enum Token {
     Conn(u64),
     Out(i32, usize),
     In(i32),
+    Egress,
+    Relay(u64),
 }
 
 struct Agent<'a> {
@@ -246,6 +405,14 @@ struct Agent<'a> {
     /// A connection or process went, and with it its buffers: give free memory back to the
     /// kernel at the end of this turn (after the answers are written).
     trim: bool,
+    /// The egress port's listener (`allowlist` network mode only).
+    egress: Option<TcpListener>,
+    /// Workload connections to the egress port that no host relay took yet.
+    relay_backlog: VecDeque<TcpStream>,
+    /// Host connections waiting for a workload connection (`Relay`), oldest first.
+    relay_waiters: VecDeque<u64>,
+    relays: BTreeMap<u64, RelayPipe>,
+    next_relay: u64,
 }
 
 fn now_ms() -> u64 {
@@ -276,9 +443,21 @@ impl Agent<'_> {
         tokens.push(Token::Listener);
         fds.push((self.sigfd.as_raw_fd(), libc::POLLIN));
         tokens.push(Token::Signal);
+        if let (Some(l), true) = (&self.egress, self.relay_backlog.len() < MAX_RELAY_BACKLOG) {
+            fds.push((l.as_raw_fd(), libc::POLLIN));
+            tokens.push(Token::Egress);
+        }
+        for (&id, r) in &self.relays {
+            let (tcp, host) = r.events();
+            fds.push((r.tcp.as_raw_fd(), tcp));
+            tokens.push(Token::Relay(id));
+            fds.push((r.host.as_raw_fd(), host));
+            tokens.push(Token::Relay(id));
+        }
         for (&id, c) in &self.conns {
             let mut ev = 0;
-            if self.stdin_queued(id) <= OUTPUT_BOUND {
+            // A connection paired with a relay reads nothing more as frames.
+            if self.stdin_queued(id) <= OUTPUT_BOUND && c.relay_to.is_none() {
                 ev |= libc::POLLIN;
             }
             if !c.proto.output().is_empty() {
@@ -336,8 +515,18 @@ impl Agent<'_> {
                     self.read_output(pid, ch, PIPE_READ);
                 }
                 Token::In(pid) => self.write_input(pid),
+                Token::Egress => self.accept_egress(),
+                Token::Relay(id) => {
+                    if let Some(r) = self.relays.get_mut(&id) {
+                        if !r.pump() {
+                            self.relays.remove(&id);
+                            self.trim = true;
+                        }
+                    }
+                }
             }
         }
+        self.pair_relays();
         self.check_deadlines();
         self.busy = false;
         self.progress();
@@ -390,6 +579,8 @@ impl Agent<'_> {
                             files: BTreeMap::new(),
                             outputs: BTreeMap::new(),
                             dead: false,
+                            relay_wait: None,
+                            relay_to: None,
                         },
                     );
                 }
@@ -548,6 +739,11 @@ impl Agent<'_> {
             Request::ProcStdin { pid, close } => match self.proc_stdin(conn, stream, pid, close) {
                 Some(r) => r,
                 // Ok comes once the bytes up to the host's Eof are written.
+                None => return,
+            },
+            Request::Relay {} => match self.relay_request(conn, stream) {
+                Some(r) => r,
+                // Relayed comes with the next workload connection.
                 None => return,
             },
             Request::SignalPid { pid, signal } => {
@@ -1384,6 +1580,7 @@ impl Agent<'_> {
     /// Writes what is queued to each connection; closes the dead ones.
     fn flush_all(&mut self) {
         let mut dead = Vec::new();
+        let mut relayed = Vec::new();
         for (&id, c) in self.conns.iter_mut() {
             while !c.dead && !c.proto.output().is_empty() {
                 match c.sock.write(c.proto.output()) {
@@ -1396,10 +1593,113 @@ impl Agent<'_> {
             }
             if c.dead {
                 dead.push(id);
+            } else if c.relay_to.is_some() && c.proto.output().is_empty() {
+                relayed.push(id);
             }
         }
         for id in dead {
             self.close_conn(id);
+        }
+        // `Relayed` is out: from here the connection carries the workload's raw bytes.
+        for id in relayed {
+            let Some(mut c) = self.conns.remove(&id) else {
+                continue;
+            };
+            let Some(tcp) = c.relay_to.take() else {
+                continue;
+            };
+            let rid = self.next_relay;
+            self.next_relay += 1;
+            let mut pipe = RelayPipe {
+                tcp,
+                host: c.sock,
+                up: Vec::new(),
+                up_off: 0,
+                down: Vec::new(),
+                down_off: 0,
+                tcp_eof: false,
+                host_eof: false,
+                up_shut: false,
+                down_shut: false,
+            };
+            if pipe.pump() {
+                self.relays.insert(rid, pipe);
+            }
+        }
+    }
+
+    /// A `Relay` request: the sandbox must have an egress port, and the request must be
+    /// the connection's only business.
+    fn relay_request(&mut self, conn: u64, stream: u32) -> Option<Response> {
+        if self.egress.is_none() {
+            return Some(Response::error(
+                ErrorCode::InvalidRequest,
+                "this sandbox has no egress port: its network mode is not `allowlist`",
+            ));
+        }
+        let busy = self.procs.values().any(|p| p.conn == Some(conn))
+            || self.conns.get(&conn).is_some_and(|c| {
+                !c.files.is_empty() || !c.outputs.is_empty() || c.relay_wait.is_some()
+            });
+        if busy {
+            return Some(Response::error(
+                ErrorCode::InvalidRequest,
+                "relay must be the only request of its connection",
+            ));
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.relay_wait = Some(stream);
+            self.relay_waiters.push_back(conn);
+        }
+        None
+    }
+
+    fn accept_egress(&mut self) {
+        let Some(l) = &self.egress else {
+            return;
+        };
+        while self.relay_backlog.len() < MAX_RELAY_BACKLOG {
+            match l.accept() {
+                Ok((tcp, _)) => {
+                    if tcp.set_nonblocking(true).is_ok() {
+                        let _ = tcp.set_nodelay(true);
+                        self.relay_backlog.push_back(tcp);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Gives waiting workload connections to waiting host connections.
+    fn pair_relays(&mut self) {
+        while !self.relay_backlog.is_empty() {
+            let Some(conn) = self.relay_waiters.pop_front() else {
+                return;
+            };
+            let Some(c) = self.conns.get_mut(&conn) else {
+                continue;
+            };
+            let Some(stream) = c.relay_wait.take() else {
+                continue;
+            };
+            if c.dead {
+                continue;
+            }
+            let Some(tcp) = self.relay_backlog.pop_front() else {
+                return;
+            };
+            let peer_port = tcp.peer_addr().map(|a| a.port()).unwrap_or(0);
+            if c.proto
+                .respond(stream, &Response::Relayed { peer_port })
+                .is_err()
+            {
+                c.dead = true;
+                self.relay_backlog.push_front(tcp);
+                continue;
+            }
+            c.relay_to = Some(tcp);
         }
     }
 

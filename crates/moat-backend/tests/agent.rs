@@ -1369,3 +1369,122 @@ fn bad_spawn_requests_are_errors() {
         assert!(e.contains("restart the daemon"), "{e}");
     });
 }
+
+/// Reads exactly one frame off `sock` (the bytes after a `Relayed` are raw).
+fn read_exact_frame(sock: &mut UnixStream) -> Frame {
+    let mut header = [0u8; moat_agent::frame::HEADER_LEN];
+    sock.read_exact(&mut header).unwrap();
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let mut whole = header.to_vec();
+    whole.resize(header.len() + len, 0);
+    sock.read_exact(&mut whole[header.len()..]).unwrap();
+    let mut dec = Decoder::new();
+    assert_eq!(dec.feed(&whole), whole.len());
+    dec.next_frame().unwrap().unwrap()
+}
+
+/// A host connection that asked for a relay, before the agent answered.
+fn ask_relay(socket: &Path) -> UnixStream {
+    let mut sock = UnixStream::connect(socket).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let enc = Encoder::new();
+    let mut out = Vec::new();
+    enc.hello(&mut out, &Hello::new(Role::Host)).unwrap();
+    enc.request(&mut out, 1, &Request::Relay {}).unwrap();
+    sock.write_all(&out).unwrap();
+    let hello = read_exact_frame(&mut sock);
+    assert_eq!(hello.kind, FrameKind::Hello);
+    sock
+}
+
+#[test]
+fn egress_relay_carries_a_workload_connection_raw_both_ways() {
+    fenced(120, || {
+        let sb = Sandbox::start_with(serde_json::json!({"network": {"mode": "allowlist"}}));
+        // Two relays wait before any workload connects; each takes one connection.
+        let mut relays = [ask_relay(&sb.socket), ask_relay(&sb.socket)];
+        let mut c = sb.connect();
+        let script = r#"
+import socket, sys
+n = int(sys.argv[1])
+s = socket.create_connection(("127.0.0.1", 3128))
+s.sendall(b"x" * n)
+s.shutdown(socket.SHUT_WR)
+got = 0
+while True:
+    b = s.recv(1 << 16)
+    if not b:
+        break
+    got += len(b)
+print(got)
+"#;
+        let bg = c.request(&with(exec(&["python3", "-c", script, "8388608"]), |r| {
+            if let Request::Exec { background, .. } = r {
+                *background = true;
+            }
+        }));
+        let pid = match c.first_response(bg) {
+            Response::Started { pid } => pid,
+            other => panic!("{other:?}"),
+        };
+        let relay = &mut relays[0];
+        let f = read_exact_frame(relay);
+        assert_eq!(f.kind, FrameKind::Response);
+        let Response::Relayed { peer_port } = f.response().unwrap() else {
+            panic!("{f:?}")
+        };
+        assert!(peer_port > 0);
+        // Read the workload's 8 MiB to its end, then answer with 3 MiB and end.
+        let mut got = Vec::new();
+        relay.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), 8 << 20);
+        assert!(got.iter().all(|&b| b == b'x'));
+        relay.write_all(&vec![b'y'; 3 << 20]).unwrap();
+        relay.shutdown(std::net::Shutdown::Write).unwrap();
+        // The workload saw all of it.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let out = loop {
+            let o = c.call(&Request::ProcOutput { pid, follow: true });
+            if matches!(o.last, Some(Response::Exit { .. })) {
+                break o;
+            }
+            assert!(Instant::now() < deadline, "the workload did not finish");
+        };
+        assert_eq!(out.out().trim(), (3 << 20).to_string(), "{out:?}");
+        // The second relay still waits; a second workload connection takes it.
+        let o = c.sh("python3 -c 'import socket; s=socket.create_connection((\"127.0.0.1\",3128)); s.sendall(b\"hi\"); s.close()'");
+        assert_eq!(o.exit().0, Some(0), "{o:?}");
+        let relay = &mut relays[1];
+        let f = read_exact_frame(relay);
+        assert!(matches!(f.response().unwrap(), Response::Relayed { .. }));
+        let mut got = Vec::new();
+        relay.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"hi");
+    });
+}
+
+#[test]
+fn a_relay_without_an_egress_port_or_beside_other_requests_is_refused() {
+    fenced(60, || {
+        let sb = Sandbox::start();
+        let mut c = sb.connect();
+        assert_eq!(
+            c.call(&Request::Relay {}).error(),
+            ErrorCode::InvalidRequest
+        );
+        // Nothing listens on the egress port of a sandbox without network.
+        let o =
+            c.sh("python3 -c 'import socket; socket.create_connection((\"127.0.0.1\",3128))' 2>&1");
+        assert_eq!(o.exit().0, Some(1));
+        assert!(o.out().contains("ConnectionRefusedError"), "{o:?}");
+        let sb = Sandbox::start_with(serde_json::json!({"network": {"mode": "allowlist"}}));
+        let mut c = sb.connect();
+        let s = c.request(&exec(&["sleep", "5"]));
+        assert!(matches!(c.first_response(s), Response::Started { .. }));
+        assert_eq!(
+            c.call(&Request::Relay {}).error(),
+            ErrorCode::InvalidRequest
+        );
+    });
+}

@@ -34,6 +34,39 @@ pub struct Policy {
     pub process: Process,
     pub network: Network,
     pub security: Security,
+    /// The isolation tier: `native` (default: namespaces, seccomp, Landlock, cgroups on the
+    /// host kernel) or `gvisor` (the same sandbox behind gVisor's user-space kernel, `runsc`).
+    pub tier: Tier,
+}
+
+/// An isolation tier (see DESIGN.md).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    #[default]
+    Native,
+    Gvisor,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Native => "native",
+            Tier::Gvisor => "gvisor",
+        }
+    }
+
+    /// Parses `native` or `gvisor`.
+    pub fn parse(s: &str) -> Result<Tier, PolicyError> {
+        match s {
+            "native" => Ok(Tier::Native),
+            "gvisor" => Ok(Tier::Gvisor),
+            _ => Err(invalid(
+                "tier",
+                format!("`{s}` is not a tier: write `native` or `gvisor`"),
+            )),
+        }
+    }
 }
 
 /// Resource limits. Enforced by the kernel (cgroups, rlimits) and watched by moat.
@@ -174,12 +207,51 @@ impl Default for Process {
     }
 }
 
-/// Network access.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+/// Network access. The sandbox never has a route out: in `allowlist` mode its agent relays
+/// each connection made to its loopback proxy port to moat's egress proxy, which applies
+/// these rules.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Network {
-    /// `none` (default): the sandbox has only its own loopback.
+    /// `none` (default): the sandbox has only its own loopback. `allowlist`: connections
+    /// through moat's proxy (HTTP CONNECT, plain HTTP, SOCKS5) to the hosts `allow` names.
     pub mode: NetworkMode,
+    /// Hosts the sandbox may reach: `example.com`, `*.example.com` (subdomains only),
+    /// either with `:PORT`, or a CIDR (`203.0.113.0/24`, `[2001:db8::/32]:443`) for IP
+    /// literals. Default: none (nothing is reachable).
+    pub allow: Vec<String>,
+    /// Rules that win over `allow`, same syntax. Default: none.
+    pub deny: Vec<String>,
+    /// Kill the sandbox after this many denied connections. Default: never (`0`).
+    pub max_denials: u32,
+    /// Connections through the proxy at once. Default `64`.
+    pub max_connections: u32,
+    /// Bytes through the proxy over the sandbox's life, both ways together. Default `1G`.
+    #[serde(deserialize_with = "de_bytes")]
+    pub max_bytes: u64,
+    /// A proxied connection with no traffic either way for this long is closed. Default `60s`.
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    /// Secrets bound to hosts: `OPENAI_API_KEY = ["api.openai.com"]`. The sandbox's
+    /// environment holds only a placeholder; the proxy puts the real value (given to
+    /// `moat run` in its own environment, or in the create call) into request headers sent
+    /// to those hosts, over TLS it terminates with a per-sandbox CA. Default: none.
+    pub secrets: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Network {
+            mode: NetworkMode::None,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            max_denials: 0,
+            max_connections: 64,
+            max_bytes: 1 << 30,
+            idle_timeout: Duration::from_secs(60),
+            secrets: BTreeMap::new(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -187,6 +259,7 @@ pub struct Network {
 pub enum NetworkMode {
     #[default]
     None,
+    Allowlist,
 }
 
 /// A defence layer that a host may lack.

@@ -650,6 +650,92 @@ async fn read_hello(read: &mut OwnedReadHalf, frames: &mut FrameReader) -> Resul
     Ok(())
 }
 
+/// Most bytes of a Hello or `Relayed` frame's payload [`relay`] accepts.
+const RELAY_FRAME_MAX: usize = 4096;
+
+/// Reads exactly one frame (header and payload) and nothing after it: the bytes that follow
+/// a `Relayed` belong to the relayed connection.
+async fn read_one_frame(read: &mut UnixStream) -> Result<Frame, ClientError> {
+    let mut header = [0u8; moat_agent::frame::HEADER_LEN];
+    read.read_exact(&mut header)
+        .await
+        .map_err(ClientError::Io)?;
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    if len > RELAY_FRAME_MAX {
+        return Err(ClientError::Protocol(format!(
+            "the agent sent a {len}-byte frame while a relay was set up"
+        )));
+    }
+    let mut whole = header.to_vec();
+    whole.resize(header.len() + len, 0);
+    read.read_exact(&mut whole[header.len()..])
+        .await
+        .map_err(ClientError::Io)?;
+    let mut decoder = Decoder::new();
+    if decoder.feed(&whole) != whole.len() {
+        return Err(ClientError::Protocol(
+            "the agent's frame does not fit".into(),
+        ));
+    }
+    match decoder.next_frame() {
+        Ok(Some(frame)) => Ok(frame),
+        Ok(None) => Err(ClientError::Protocol(
+            "incomplete frame from the agent".into(),
+        )),
+        Err(e) => Err(ClientError::Protocol(e.to_string())),
+    }
+}
+
+/// Asks the agent at `path` for the next workload connection to its egress port
+/// ([`Request::Relay`]) and returns the unix connection, which from then on carries that
+/// connection's raw bytes both ways, and the workload's source port. Waits as long as no
+/// workload connects (the caller keeps a few of these pending).
+pub async fn relay(path: &Path) -> Result<(UnixStream, u16), ClientError> {
+    let mut stream = tokio::time::timeout(HELLO_TIMEOUT, UnixStream::connect(path))
+        .await
+        .map_err(|_| ClientError::Timeout)?
+        .map_err(ClientError::Io)?;
+    let encoder = Encoder::new();
+    let mut out = Vec::new();
+    encoder
+        .hello(&mut out, &Hello::new(Role::Host))
+        .and_then(|()| encoder.request(&mut out, 1, &Request::Relay {}))
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let hello = async {
+        stream.write_all(&out).await.map_err(ClientError::Io)?;
+        read_one_frame(&mut stream).await
+    };
+    let frame = tokio::time::timeout(HELLO_TIMEOUT, hello)
+        .await
+        .map_err(|_| ClientError::Timeout)??;
+    if frame.kind != FrameKind::Hello {
+        return Err(ClientError::Protocol(format!(
+            "the agent sent a {} frame before its hello",
+            frame.kind
+        )));
+    }
+    Hello::parse_peer(&frame.payload, Role::Agent)
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let frame = read_one_frame(&mut stream).await?;
+    if frame.kind != FrameKind::Response || frame.stream != 1 {
+        return Err(ClientError::Protocol(format!(
+            "the agent answered a relay with a {} frame on stream {}",
+            frame.kind, frame.stream
+        )));
+    }
+    let response = frame
+        .response()
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    match response {
+        Response::Relayed { peer_port } => Ok((stream, peer_port)),
+        Response::Error { code, message } => Err(ClientError::Agent { code, message }),
+        other => Err(ClientError::Protocol(format!(
+            "the agent answered a relay with {}",
+            other.type_name()
+        ))),
+    }
+}
+
 impl AgentClient {
     /// Connects to the agent's socket at `path` and does the handshake (see
     /// [`AgentClient::from_stream`]); fails with [`ClientError::Timeout`] when that takes
