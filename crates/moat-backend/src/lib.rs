@@ -12,4 +12,5 @@ mod rootfs;
 pub mod seccomp_prog;
 pub mod spawner;
 
+pub use agent::EGRESS_PORT;
 pub use native::{alive, destroy, run, spawn, RunError, RunRequest, SpawnRequest, Spawned};

@@ -1138,6 +1138,33 @@ impl ExecEnv<'_> {
             ("LANG".into(), "C.UTF-8".into()),
             ("TMPDIR".into(), "/tmp".into()),
         ];
+        if p.network.mode == moat_policy::NetworkMode::Allowlist {
+            // Every common client finds the proxy: curl, pip, npm, git, requests, urllib,
+            // Node (with a proxy agent), and SOCKS-speaking tools through ALL_PROXY.
+            let http = format!("http://127.0.0.1:{}", crate::agent::EGRESS_PORT);
+            let socks = format!("socks5h://127.0.0.1:{}", crate::agent::EGRESS_PORT);
+            for (k, v) in [
+                ("HTTP_PROXY", &http),
+                ("HTTPS_PROXY", &http),
+                ("ALL_PROXY", &socks),
+            ] {
+                env.push((k.into(), v.clone()));
+                env.push((k.to_ascii_lowercase(), v.clone()));
+            }
+            env.push(("NO_PROXY".into(), "localhost,127.0.0.1".into()));
+            env.push(("no_proxy".into(), "localhost,127.0.0.1".into()));
+            if p.network.ca_pem.is_some() {
+                let bundle = crate::rootfs::MOAT_BUNDLE_FILE.to_string();
+                env.push(("SSL_CERT_FILE".into(), bundle.clone()));
+                env.push(("REQUESTS_CA_BUNDLE".into(), bundle.clone()));
+                env.push(("CURL_CA_BUNDLE".into(), bundle.clone()));
+                env.push(("PIP_CERT".into(), bundle.clone()));
+                env.push((
+                    "NODE_EXTRA_CA_CERTS".into(),
+                    crate::rootfs::MOAT_CA_FILE.into(),
+                ));
+            }
+        }
         for (k, v) in &p.env {
             if let Some(slot) = env.iter_mut().find(|(x, _)| x == k) {
                 slot.1 = v.clone();

@@ -444,6 +444,30 @@ fn populate(policy: &Policy, root: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Where the sandbox finds its proxy's CA alone, and the host's public roots with it.
+pub(crate) const MOAT_CA_FILE: &str = "/etc/ssl/moat-ca.crt";
+pub(crate) const MOAT_BUNDLE_FILE: &str = "/etc/ssl/moat-bundle.crt";
+/// The system bundle (Debian's), which tools read when no variable names another.
+const SYSTEM_BUNDLE: &str = "ssl/certs/ca-certificates.crt";
+
+/// Makes the sandbox trust its proxy's CA: the CA alone and the host's bundle plus it as
+/// files of the sandbox's `/etc/ssl`, the second also bound over the system bundle.
+fn trust_ca(etc: &str, ca: &str) -> io::Result<()> {
+    fs::write(format!("{etc}/ssl/moat-ca.crt"), ca).map_err(ctx("write /etc/ssl/moat-ca.crt"))?;
+    let mut bundle = fs::read(format!("/etc/{SYSTEM_BUNDLE}")).unwrap_or_default();
+    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(ca.as_bytes());
+    let dst = format!("{etc}/ssl/moat-bundle.crt");
+    fs::write(&dst, &bundle).map_err(ctx("write /etc/ssl/moat-bundle.crt"))?;
+    let system = format!("{etc}/{SYSTEM_BUNDLE}");
+    if Path::new(&system).exists() {
+        bind(&dst, &system, MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)?;
+    }
+    Ok(())
+}
+
 fn fill_etc(policy: &Policy, etc: &str) -> io::Result<()> {
     for f in ETC_FILES {
         let src = format!("/etc/{f}");
@@ -482,6 +506,9 @@ fn fill_etc(policy: &Policy, etc: &str) -> io::Result<()> {
             mkdir_p(&dst)?;
             bind(&src, &dst, MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)?;
         }
+    }
+    if let Some(ca) = &policy.network.ca_pem {
+        trust_ca(etc, ca)?;
     }
     let (uid, gid) = (policy.process.uid, policy.process.gid);
     let home = &policy.fs.workdir;

@@ -32,6 +32,9 @@ pub const MAX_MESSAGE: usize = 4 << 20;
 struct WireRequest {
     policy: serde_json::Value,
     socket: PathBuf,
+    /// The sandbox proxy's CA certificate for the sandbox to trust (`network.ca_pem`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ca_pem: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -95,9 +98,21 @@ impl Spawner {
         policy_json: &serde_json::Value,
         socket: &Path,
     ) -> Result<Spawned, String> {
+        self.spawn_with_ca(policy_json, socket, None)
+    }
+
+    /// [`Spawner::spawn`], with the PEM certificate of the sandbox proxy's CA, which the
+    /// sandbox then trusts (see `moat_policy::Network::ca_pem`).
+    pub fn spawn_with_ca(
+        &mut self,
+        policy_json: &serde_json::Value,
+        socket: &Path,
+        ca_pem: Option<&str>,
+    ) -> Result<Spawned, String> {
         let request = WireRequest {
             policy: policy_json.clone(),
             socket: socket.to_path_buf(),
+            ca_pem: ca_pem.map(str::to_string),
         };
         let gone = |e: io::Error| {
             format!(
@@ -149,8 +164,9 @@ pub fn serve(mut sock: UnixStream) -> ! {
 fn handle(request: &[u8]) -> Result<Spawned, String> {
     let request: WireRequest =
         serde_json::from_slice(request).map_err(|e| format!("invalid spawn request: {e}"))?;
-    let policy: Policy = serde_json::from_value(request.policy)
+    let mut policy: Policy = serde_json::from_value(request.policy)
         .map_err(|e| format!("invalid policy: {e}: use the schema of moat's TOML policy"))?;
+    policy.network.ca_pem = request.ca_pem;
     policy.validate().map_err(|e| e.to_string())?;
     native::spawn(&SpawnRequest {
         policy,

@@ -237,6 +237,11 @@ pub struct Network {
     /// `moat run` in its own environment, or in the create call) into request headers sent
     /// to those hosts, over TLS it terminates with a per-sandbox CA. Default: none.
     pub secrets: BTreeMap<String, Vec<String>>,
+    /// The PEM certificate of the sandbox's own CA, which its proxy signs intercepted
+    /// connections with: set by moat when secrets are bound, never by a policy document.
+    /// The sandbox trusts it (`/etc/ssl/certs/ca-certificates.crt`, `SSL_CERT_FILE`, ...).
+    #[serde(skip)]
+    pub ca_pem: Option<String>,
 }
 
 impl Default for Network {
@@ -250,6 +255,7 @@ impl Default for Network {
             max_bytes: 1 << 30,
             idle_timeout: Duration::from_secs(60),
             secrets: BTreeMap::new(),
+            ca_pem: None,
         }
     }
 }
@@ -459,6 +465,76 @@ impl Policy {
         if self.security.landlock_min_abi > 64 {
             return Err(invalid("security.landlock_min_abi", "no such Landlock ABI"));
         }
+        self.network.validate()
+    }
+}
+
+/// Most rules in `network.allow` and `network.deny` together, and most secrets.
+const MAX_RULES: usize = 1024;
+const MAX_SECRETS: usize = 64;
+
+impl Network {
+    /// The parsed allow and deny rules (valid once [`Policy::validate`] passed).
+    pub fn rules(&self) -> Result<crate::egress::Rules, PolicyError> {
+        crate::egress::Rules::parse(&self.allow, &self.deny)
+            .map_err(|e| invalid("network.allow/deny", e.to_string()))
+    }
+
+    fn validate(&self) -> Result<(), PolicyError> {
+        if self.allow.len() + self.deny.len() > MAX_RULES {
+            return Err(invalid(
+                "network.allow/deny",
+                format!("more than {MAX_RULES} rules"),
+            ));
+        }
+        self.rules()?;
+        if self.max_connections == 0 || self.max_connections > 4096 {
+            return Err(invalid(
+                "network.max_connections",
+                "must be between 1 and 4096",
+            ));
+        }
+        if self.max_bytes == 0 {
+            return Err(invalid("network.max_bytes", "must be above 0 (e.g. 1G)"));
+        }
+        if self.idle_timeout.is_zero() {
+            return Err(invalid(
+                "network.idle_timeout",
+                "must be above 0 (e.g. 60s)",
+            ));
+        }
+        if self.secrets.len() > MAX_SECRETS {
+            return Err(invalid(
+                "network.secrets",
+                format!("more than {MAX_SECRETS} secrets"),
+            ));
+        }
+        for (name, hosts) in &self.secrets {
+            let field = format!("network.secrets.{name}");
+            let ok = !name.is_empty()
+                && name.len() <= 128
+                && name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err(invalid(
+                    &field,
+                    "a secret's name is an environment variable name: letters, digits and `_`",
+                ));
+            }
+            if hosts.is_empty() {
+                return Err(invalid(
+                    &field,
+                    "bind the secret to at least one host, e.g. [\"api.openai.com\"]",
+                ));
+            }
+            crate::egress::Rules::parse(hosts, &[]).map_err(|e| invalid(&field, e.to_string()))?;
+        }
+        if self.mode == NetworkMode::None && (!self.allow.is_empty() || !self.secrets.is_empty()) {
+            return Err(invalid(
+                "network.mode",
+                "`allow` and `secrets` need mode = \"allowlist\" (mode `none` has no network)",
+            ));
+        }
         Ok(())
     }
 }
@@ -514,6 +590,40 @@ mod tests {
         assert!(e.to_string().contains("memroy"), "{e}");
         assert!(Policy::from_toml("netwrk = 1").is_err());
         assert!(Policy::from_toml("[network]\nmode = \"open\"").is_err());
+        let p = Policy::from_toml(
+            "[network]\nmode = \"allowlist\"\nallow = [\"pypi.org\", \"*.pythonhosted.org:443\"]\ndeny = [\"bad.pypi.org\"]\n[network.secrets]\nOPENAI_API_KEY = [\"api.openai.com\"]",
+        )
+        .unwrap();
+        assert_eq!(p.network.mode, NetworkMode::Allowlist);
+        assert!(p
+            .network
+            .rules()
+            .unwrap()
+            .decide_name("pypi.org", 443)
+            .is_allow());
+        assert!(!p
+            .network
+            .rules()
+            .unwrap()
+            .decide_name("evil.org", 443)
+            .is_allow());
+        assert_eq!(p.network.ca_pem, None);
+        for bad in [
+            "[network]\nmode = \"allowlist\"\nallow = [\"exa mple.com\"]",
+            "[network]\nmode = \"allowlist\"\nallow = [\"example.com:99999\"]",
+            "[network]\nallow = [\"example.com\"]",
+            "[network]\nmode = \"allowlist\"\n[network.secrets]\nKEY = []",
+            "[network]\nmode = \"allowlist\"\n[network.secrets]\n\"A-B\" = [\"x.com\"]",
+            "[network]\nmode = \"allowlist\"\nmax_connections = 0",
+            "[network]\nca_pem = \"x\"",
+            "tier = \"firecracker\"",
+        ] {
+            assert!(Policy::from_toml(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            Policy::from_toml("tier = \"gvisor\"").unwrap().tier,
+            Tier::Gvisor
+        );
     }
 
     #[test]
