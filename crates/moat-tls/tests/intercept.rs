@@ -244,22 +244,32 @@ async fn proxy(
     ca: Arc<SandboxCa>,
     roots: Vec<String>,
 ) -> (SocketAddr, Done) {
+    let inj = vec![
+        Injection {
+            placeholder: PH.into(),
+            value: REAL.into(),
+        },
+        Injection {
+            placeholder: "OTHER_PH".into(),
+            value: "other-real".into(),
+        },
+    ];
+    proxy_with(up, host, ca, roots, inj).await
+}
+
+async fn proxy_with(
+    up: SocketAddr,
+    host: &'static str,
+    ca: Arc<SandboxCa>,
+    roots: Vec<String>,
+    inj: Vec<Injection>,
+) -> (SocketAddr, Done) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let cfg = upstream_config(&roots).expect("upstream config");
     let done = tokio::spawn(async move {
         let (client, _) = l.accept().await.expect("accept");
         let upstream = TcpStream::connect(up).await.expect("connect upstream");
-        let inj = [
-            Injection {
-                placeholder: PH.into(),
-                value: REAL.into(),
-            },
-            Injection {
-                placeholder: "OTHER_PH".into(),
-                value: "other-real".into(),
-            },
-        ];
         intercept(client, upstream, host, &ca, &inj, cfg).await
     });
     (addr, done)
@@ -688,6 +698,30 @@ async fn oversized_head_gets_431() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn a_secret_with_a_line_break_is_not_injected() -> Result<()> {
+    let w = world(&[HOST]).await;
+    let inj = vec![Injection {
+        placeholder: PH.into(),
+        value: format!("{REAL}\r\nX-Smuggled: 1"),
+    }];
+    let (addr, done) = proxy_with(w.up, HOST, w.ca.clone(), w.roots.clone(), inj).await;
+    let mut c = client(addr, &w.ca, HOST).await?;
+    send(
+        &mut c,
+        format!("GET / HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: {PH}\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let r = tokio::time::timeout(T, response(&mut c)).await??;
+    assert_eq!(r.status, 500);
+    assert!(!String::from_utf8_lossy(&r.body).contains(REAL));
+    let e = tokio::time::timeout(T, done).await??;
+    assert!(matches!(&e, Err(TlsError::Injection { .. })), "{e:?}");
+    assert!(!format!("{e:?}").contains(REAL));
+    assert!(w.seen.requests().is_empty());
+    Ok(())
+}
+
 // ---------------------------------------------------------------- (e) upstream verification
 
 async fn upstream_refused(w: World, roots: Vec<String>) -> Result<()> {
@@ -752,5 +786,89 @@ fn ca_pem_is_one_ca_certificate_and_no_key() -> Result<()> {
             .any(|w| w == b"moat sandbox CA label-x"),
         "the subject names the label"
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------- a real client: curl (OpenSSL)
+
+#[tokio::test]
+async fn curl_keep_alive_chunked_and_expect_through_the_interceptor() -> Result<()> {
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            bail!("curl is not installed (CI=true: that is a failure)");
+        }
+        eprintln!("skipped: curl is not installed");
+        return Ok(());
+    }
+    let w = world(&[HOST]).await;
+    let (addr, done) = proxy(w.up, HOST, w.ca.clone(), w.roots.clone()).await;
+    let dir = std::env::temp_dir().join(format!("moat-tls-curl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, w.ca.cert_pem())?;
+    let body = pattern(3 << 20, 3); // big enough for curl to send `Expect: 100-continue`
+    let body_file = dir.join("body");
+    std::fs::write(&body_file, &body)?;
+    let port = addr.port();
+    let resolve = format!("{HOST}:{port}:127.0.0.1");
+    let auth = format!("Authorization: Bearer {PH}");
+    let mut cmd = tokio::process::Command::new("curl");
+    let common = |cmd: &mut tokio::process::Command| {
+        cmd.args(["-sS", "--http1.1", "--cacert"]).arg(&ca);
+        cmd.args([
+            "--resolve",
+            &resolve,
+            "-H",
+            &auth,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\n",
+        ]);
+    };
+    common(&mut cmd);
+    cmd.arg(format!("https://{HOST}:{port}/one?q={PH}"));
+    cmd.arg("--next");
+    common(&mut cmd);
+    cmd.args(["-H", "Transfer-Encoding: chunked", "--data-binary"])
+        .arg(format!("@{}", body_file.display()))
+        .arg(format!("https://{HOST}:{port}/two"));
+    let out = tokio::time::timeout(T, cmd.output()).await??;
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "curl: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout, "200\n200\n");
+    let res = tokio::time::timeout(T, done).await??;
+    let res = res?;
+    assert_eq!(res.requests, 2);
+    assert_eq!(
+        w.seen.tcp.load(Ordering::SeqCst),
+        1,
+        "curl reused the connection"
+    );
+    let reqs = w.seen.requests();
+    assert_eq!(reqs.len(), 2);
+    for r in &reqs {
+        assert_eq!(
+            header(&r.head, "authorization"),
+            Some(format!("Bearer {REAL}").as_str())
+        );
+        assert_eq!(
+            header(&r.head, "host"),
+            Some(format!("{HOST}:{port}").as_str())
+        );
+    }
+    assert!(reqs[0].head.starts_with(&format!("GET /one?q={PH} ")));
+    assert!(reqs[1].body == body, "curl's chunked body differs");
+    assert_eq!(header(&reqs[1].head, "expect"), Some("100-continue"));
+    assert_eq!(header(&reqs[1].head, "transfer-encoding"), Some("chunked"));
     Ok(())
 }
