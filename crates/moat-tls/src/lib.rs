@@ -138,12 +138,11 @@ pub fn upstream_config(extra_roots_pem: &[String]) -> Result<Arc<rustls::ClientC
             "no trust roots: the system has none (install ca-certificates, or set SSL_CERT_FILE) and no upstream CA PEM was given".into(),
         ));
     }
-    let config = rustls::ClientConfig::builder_with_provider(provider())
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(format!("TLS versions: {e}")))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let mut config = config;
     config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
     Ok(Arc::new(config))
 }
