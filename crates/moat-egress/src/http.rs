@@ -45,7 +45,7 @@ fn answer_for(r: &Refusal) -> Vec<u8> {
     match r {
         Refusal::Denied { reason, .. } => answer(403, "Forbidden", &format!("denied: {reason}")),
         Refusal::Refused(reason) => answer(503, "Service Unavailable", reason),
-        Refusal::Resolve(reason) | Refusal::Connect { reason, .. } => {
+        Refusal::Resolve { reason, .. } | Refusal::Connect { reason, .. } => {
             answer(502, "Bad Gateway", reason)
         }
     }

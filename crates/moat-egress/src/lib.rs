@@ -252,8 +252,8 @@ pub(crate) enum Refusal {
     /// Refused but not a policy denial: max_connections, max_bytes, a malformed or
     /// unsupported request.
     Refused(String),
-    /// The name does not resolve.
-    Resolve(String),
+    /// The name (which `rule` allowed) does not resolve.
+    Resolve { rule: String, reason: String },
     /// No address could be connected to; `refused`: the last one refused (else unreachable).
     Connect {
         addr: Option<SocketAddr>,
@@ -366,7 +366,13 @@ impl SandboxProxy {
                         return Err(Refusal::Denied { rule, reason })
                     }
                 };
-                let ips = self.resolve(name).await?;
+                let ips = self
+                    .resolve(name)
+                    .await
+                    .map_err(|reason| Refusal::Resolve {
+                        rule: rule.clone(),
+                        reason,
+                    })?;
                 let mut addrs: Vec<SocketAddr> = Vec::new();
                 let mut first_refusal: Option<Refusal> = None;
                 for ip in ips {
@@ -396,15 +402,17 @@ impl SandboxProxy {
                     }
                 }
                 if addrs.is_empty() {
-                    return Err(first_refusal
-                        .unwrap_or_else(|| Refusal::Resolve(format!("{name} has no address"))));
+                    return Err(first_refusal.unwrap_or_else(|| Refusal::Resolve {
+                        rule: rule.clone(),
+                        reason: format!("{name} has no address"),
+                    }));
                 }
                 Ok(Allowed { rule, addrs })
             }
         }
     }
 
-    async fn resolve(&self, name: &str) -> Result<Vec<IpAddr>, Refusal> {
+    async fn resolve(&self, name: &str) -> Result<Vec<IpAddr>, String> {
         if let Some(ips) = self.proxy.hosts.get(name) {
             return Ok(ips.clone());
         }
@@ -413,10 +421,10 @@ impl SandboxProxy {
         let fqdn = format!("{name}.");
         match self.proxy.resolver.lookup_ip(fqdn.as_str()).await {
             Ok(l) => Ok(l.iter().collect()),
-            Err(e) if e.is_nx_domain() || e.is_no_records_found() => Err(Refusal::Resolve(
-                format!("cannot resolve {name}: no such host"),
-            )),
-            Err(e) => Err(Refusal::Resolve(format!("cannot resolve {name}: {e}"))),
+            Err(e) if e.is_nx_domain() || e.is_no_records_found() => {
+                Err(format!("cannot resolve {name}: no such host"))
+            }
+            Err(e) => Err(format!("cannot resolve {name}: {e}")),
         }
     }
 
@@ -459,7 +467,9 @@ impl SandboxProxy {
         let (decision, rule, reason, addr) = match r {
             Refusal::Denied { rule, reason } => ("deny", rule.clone(), reason.clone(), None),
             Refusal::Refused(reason) => ("deny", None, reason.clone(), None),
-            Refusal::Resolve(reason) => ("allow", None, reason.clone(), None),
+            Refusal::Resolve { rule, reason } => {
+                ("allow", Some(rule.clone()), reason.clone(), None)
+            }
             Refusal::Connect { addr, reason, .. } => ("allow", None, reason.clone(), *addr),
         };
         self.emit(ConnEvent {
@@ -484,7 +494,7 @@ impl SandboxProxy {
     /// Reports an attempt with its rule for Resolve/Connect failures (which the rules allowed).
     pub(crate) fn refused_with_rule(&self, at: &Attempt, rule: &str, r: &Refusal) {
         let (reason, addr) = match r {
-            Refusal::Resolve(reason) => (reason.clone(), None),
+            Refusal::Resolve { reason, .. } => (reason.clone(), None),
             Refusal::Connect { addr, reason, .. } => (reason.clone(), *addr),
             other => return self.refused(at, other),
         };

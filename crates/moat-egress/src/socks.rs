@@ -27,7 +27,7 @@ fn code_for(r: &Refusal) -> u8 {
     match r {
         Refusal::Denied { .. } => REP_NOT_ALLOWED,
         Refusal::Refused(_) => REP_FAILURE,
-        Refusal::Resolve(_) => REP_HOST_UNREACHABLE,
+        Refusal::Resolve { .. } => REP_HOST_UNREACHABLE,
         Refusal::Connect { refused: true, .. } => REP_REFUSED,
         Refusal::Connect { .. } => REP_HOST_UNREACHABLE,
     }

@@ -832,9 +832,24 @@ async fn names_resolving_to_forbidden_addresses_are_denied() -> Result<()> {
         a.starts_with("HTTP/1.1 502") && a.contains("cannot resolve nx.test"),
         "{a}"
     );
-    let ev = r.sink.wait(5).await;
-    assert_eq!(ev.len(), 5);
+    assert_eq!(
+        socks_code(r.addr, &socks_domain(1, "nx.test", p)).await?,
+        0x04
+    );
+    let ev = r.sink.wait(6).await;
+    assert_eq!(ev.len(), 6);
     assert_eq!(r.sp.denials(), 4);
+    for e in &ev[..4] {
+        assert_eq!((e.decision, e.addr), ("deny", None), "{e:?}");
+    }
+    for e in &ev[4..] {
+        assert_eq!(e.decision, "allow", "{e:?}");
+        assert_eq!(e.rule.as_deref(), Some("*.test"), "{e:?}");
+        assert!(
+            e.reason.as_deref().unwrap_or("").contains("no such host"),
+            "{e:?}"
+        );
+    }
 
     // With the operator's 127.0.0.0/8, the name the DNS gives 127.0.0.1 works; in a mixed
     // answer only the allowed address is used.
