@@ -262,7 +262,14 @@ where
         port,
         start,
     };
-    if let Err(reason) = check_host_header(&req, &host, port, port) {
+    // Some clients (Node's http, among others) send the proxy's own address as the Host of
+    // a CONNECT; any other Host than that or the target is refused.
+    let to_proxy = req.header_all("host").iter().all(|h| names_the_proxy(h));
+    let host_check = match check_host_header(&req, &host, port, port) {
+        Err(_) if to_proxy => Ok(()),
+        r => r,
+    };
+    if let Err(reason) = host_check {
         let _ = c.write_all(&answer(400, "Bad Request", &reason)).await;
         sp.refused(&at, &Refusal::Denied { rule: None, reason });
         return;
@@ -305,6 +312,16 @@ where
     }
     sp.tunnel(&at, &host, &allowed.rule, c.into_prefixed(), upstream, addr)
         .await;
+}
+
+/// Whether a Host header value names the proxy itself (the sandbox's loopback port).
+fn names_the_proxy(h: &[u8]) -> bool {
+    let h = String::from_utf8_lossy(h).trim().to_ascii_lowercase();
+    ["127.0.0.1", "localhost", "[::1]"].iter().any(|p| {
+        h.strip_prefix(p)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .is_some_and(|port| port.parse::<u16>().is_ok())
+    })
 }
 
 /// Splits `http://authority/path?q#frag` into the authority and the origin-form target.

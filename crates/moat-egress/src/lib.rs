@@ -11,6 +11,7 @@
 
 mod http;
 mod io;
+mod sni;
 mod socks;
 
 use std::collections::BTreeMap;
@@ -628,6 +629,26 @@ impl SandboxProxy {
             return;
         }
         let mut client = client;
+        // A tunnel to a name carries a handshake for that name only: its ClientHello's
+        // server name, when it has one, must be the CONNECT target (no domain fronting).
+        if let Host::Name(name) = host {
+            match first_bytes_for(&mut client, name).await {
+                Ok(first) => {
+                    if !first.is_empty() {
+                        use tokio::io::AsyncWriteExt;
+                        if let Err(e) = up.write_all(&first).await {
+                            let reason = format!("relay ended: {e}");
+                            self.closed(at, addr, rule, &stats, Some(reason), false, false);
+                            return;
+                        }
+                    }
+                }
+                Err(reason) => {
+                    self.closed(at, addr, rule, &stats, Some(reason), false, true);
+                    return;
+                }
+            }
+        }
         let fut = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut up, io::BUF, io::BUF);
         let (res, cut) = io::with_idle(fut, &stats, self.cfg.idle_timeout).await;
         let reason = match (cut, res) {
@@ -641,6 +662,44 @@ impl SandboxProxy {
             (None, None) => None,
         };
         self.closed(at, addr, rule, &stats, reason, false, false);
+    }
+}
+
+/// How long a tunnel waits for the client's first bytes before it takes the protocol for
+/// one where the server speaks first (nothing to check then).
+const FIRST_BYTES_WAIT: Duration = Duration::from_millis(500);
+/// How long the rest of a ClientHello may take once it began.
+const HELLO_WAIT: Duration = Duration::from_secs(10);
+
+/// Reads the client's first bytes of a tunnel to `name`: Err (the reason) when they are a
+/// TLS ClientHello for another server name; else the bytes, to be sent on upstream.
+async fn first_bytes_for<C: AsyncRead + Unpin>(
+    client: &mut C,
+    name: &str,
+) -> Result<Vec<u8>, String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(2048);
+    let mut chunk = vec![0u8; 4096];
+    let mut wait = FIRST_BYTES_WAIT;
+    loop {
+        let n = match tokio::time::timeout(wait, client.read(&mut chunk)).await {
+            Err(_) if buf.is_empty() => return Ok(buf),
+            Err(_) => return Err("the TLS ClientHello did not arrive in time".into()),
+            Ok(Ok(0)) => return Ok(buf),
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(format!("relay ended: {e}")),
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        wait = HELLO_WAIT;
+        match sni::peek(&buf) {
+            sni::Peek::Incomplete if buf.len() < sni::MAX_HELLO => continue,
+            sni::Peek::Hello(Some(sni)) if sni != name => {
+                return Err(format!(
+                    "TLS server name {sni} does not match the CONNECT target {name}"
+                ))
+            }
+            _ => return Ok(buf),
+        }
     }
 }
 

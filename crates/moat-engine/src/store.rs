@@ -311,6 +311,8 @@ pub enum EventKind {
     KeyRevoked,
     TokenCreated,
     AuthFailed,
+    /// One connection through the egress proxy, allowed or denied.
+    Egress,
 }
 
 /// One audit event.
@@ -401,6 +403,7 @@ text_enum!(EventKind, "event kind", {
     KeyRevoked => "key_revoked",
     TokenCreated => "token_created",
     AuthFailed => "auth_failed",
+    Egress => "egress",
 });
 
 // ---------------------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ pub struct Sandbox {
     pub agent: AgentClient,
     /// Serialises lifecycle changes (pause, resume, destroy) of this sandbox.
     pub lifecycle: tokio::sync::Mutex<()>,
+    /// The egress relay pump (network mode `allowlist`); dropped with the sandbox.
+    pub egress: Mutex<Option<crate::egress::Pump>>,
 }
 
 impl Sandbox {
@@ -118,9 +120,13 @@ pub struct Counters {
     pub errors_4xx: AtomicU64,
     pub errors_5xx: AtomicU64,
     pub create_failures: AtomicU64,
+    pub egress_allowed: AtomicU64,
+    pub egress_denied: AtomicU64,
+    pub egress_kills: AtomicU64,
 }
 
 pub struct App {
+    pub proxy: Arc<moat_egress::Proxy>,
     pub cfg: ServeConfig,
     pub db: Mutex<Store>,
     pub events: EventLog,
@@ -150,6 +156,7 @@ impl Spawners {
         &self,
         policy_json: &Value,
         socket: &Path,
+        ca_pem: Option<&str>,
     ) -> Result<moat_backend::Spawned, String> {
         let n = self.pool.len();
         if n == 0 {
@@ -158,13 +165,13 @@ impl Spawners {
         let start = self.next.fetch_add(1, Ordering::Relaxed) as usize;
         for i in 0..n {
             if let Ok(mut s) = self.pool[(start + i) % n].try_lock() {
-                return s.spawn(policy_json, socket);
+                return s.spawn_with_ca(policy_json, socket, ca_pem);
             }
         }
         let mut s = self.pool[start % n]
             .lock()
             .map_err(|_| "the spawner lock is poisoned".to_string())?;
-        s.spawn(policy_json, socket)
+        s.spawn_with_ca(policy_json, socket, ca_pem)
     }
 }
 
@@ -320,6 +327,36 @@ impl App {
         self.cfg.state_dir.join("sandboxes").join(id)
     }
 
+    /// Starts the relay pump of `sbx`'s egress, with a sink that records every connection
+    /// in the audit log and counts it.
+    fn start_egress(self: &Arc<Self>, sbx: &Arc<Sandbox>, cfg: moat_egress::SandboxEgress) {
+        let sink = Arc::new(AuditSink {
+            app: Arc::downgrade(self),
+        });
+        let pump = crate::egress::start(&self.proxy, sbx.runtime.agent_socket.clone(), cfg, sink);
+        if let Ok(mut e) = sbx.egress.lock() {
+            *e = Some(pump);
+        }
+    }
+
+    /// After a restart: a sandbox without secrets gets its egress back from its policy
+    /// alone. One with secrets does not (their values live only in the daemon that created
+    /// it): its proxied connections are refused until it is recreated.
+    fn reattach_egress(self: &Arc<Self>, sbx: &Arc<Sandbox>) {
+        if sbx.policy.network.mode != moat_policy::NetworkMode::Allowlist {
+            return;
+        }
+        let mut policy = sbx.policy.clone();
+        let secrets = std::mem::take(&mut policy.network.secrets);
+        if !secrets.is_empty() {
+            // Without the values, the bound hosts are denied outright.
+            policy.network.deny.extend(secrets.into_values().flatten());
+        }
+        if let Ok(Some(p)) = crate::egress::prepare(&sbx.id, &policy, &BTreeMap::new()) {
+            self.start_egress(sbx, p.cfg);
+        }
+    }
+
     /// Creates and starts a sandbox for `caller`.
     pub async fn create(
         self: &Arc<Self>,
@@ -328,6 +365,7 @@ impl App {
         metadata: BTreeMap<String, String>,
         timeout_s: Option<u64>,
         tier: String,
+        secrets: BTreeMap<String, String>,
     ) -> ApiResult<Arc<Sandbox>> {
         if tier != "native" {
             return Err(ApiError::bad_request(format!(
@@ -345,6 +383,23 @@ impl App {
         }
         let ttl_s = ttl_s.min(self.cfg.max_ttl_s);
         let id = store::new_sandbox_id()?;
+        let egress = crate::egress::prepare(&id, &policy, &secrets)
+            .map_err(|e| ApiError::bad_request(format!("policy: {e}")))?;
+        let mut policy_json = policy_json;
+        let mut policy = policy;
+        if let Some(e) = &egress {
+            // The workload sees each secret's placeholder, never its value.
+            let env = policy_json
+                .as_object_mut()
+                .map(|p| p.entry("env").or_insert_with(|| json!({})))
+                .and_then(Value::as_object_mut)
+                .ok_or_else(|| ApiError::bad_request("policy.env must be an object"))?;
+            for (k, v) in &e.env {
+                env.insert(k.clone(), Value::String(v.clone()));
+                policy.env.insert(k.clone(), v.clone());
+            }
+        }
+        let ca_pem = egress.as_ref().and_then(|e| e.ca_pem.clone());
         let now = now_ms();
         let record = SandboxRecord {
             id: id.clone(),
@@ -371,7 +426,7 @@ impl App {
             let policy_json = policy_json.clone();
             tokio::task::spawn_blocking(move || -> Result<_, String> {
                 make_private_dir(&dir)?;
-                app.spawners.spawn(&policy_json, &socket)
+                app.spawners.spawn(&policy_json, &socket, ca_pem.as_deref())
             })
             .await
             .map_err(|e| ApiError::internal(format!("spawn task: {e}")))?
@@ -432,7 +487,11 @@ impl App {
             layers: spawned.layers,
             agent,
             lifecycle: tokio::sync::Mutex::new(()),
+            egress: Mutex::new(None),
         });
+        if let Some(e) = egress {
+            self.start_egress(&sbx, e.cfg);
+        }
         if let Ok(mut map) = self.sandboxes.write() {
             map.insert(id.clone(), sbx.clone());
         }
@@ -463,6 +522,9 @@ impl App {
         // A daemon that dies from here on finds the record with a dead init at its next
         // start and cleans up then.
         sbx.set_state(SandboxState::Stopping);
+        if let Ok(mut e) = sbx.egress.lock() {
+            e.take();
+        }
         let runtime = sbx.runtime.clone();
         let dir = self.sandbox_dir(&sbx.id);
         let cleaner = self.cleaner.clone();
@@ -658,7 +720,9 @@ impl App {
                         },
                         agent,
                         lifecycle: tokio::sync::Mutex::new(()),
+                        egress: Mutex::new(None),
                     });
+                    self.reattach_egress(&sbx);
                     if let Ok(mut map) = self.sandboxes.write() {
                         map.insert(rec.id.clone(), sbx);
                     }
@@ -740,4 +804,45 @@ fn make_private_dir(dir: &Path) -> Result<(), String> {
         .mode(0o700)
         .create(dir)
         .map_err(|e| format!("create {}: {e}", dir.display()))
+}
+
+/// Where the egress proxy's connection events go: the audit log, the metrics, and (past
+/// the policy's `max_denials`) the sandbox's end.
+struct AuditSink {
+    app: std::sync::Weak<App>,
+}
+
+impl moat_egress::EgressSink for AuditSink {
+    fn event(&self, e: moat_egress::ConnEvent) {
+        let Some(app) = self.app.upgrade() else {
+            return;
+        };
+        let denied = e.decision == "deny";
+        let counter = if denied {
+            &app.counters.egress_denied
+        } else {
+            &app.counters.egress_allowed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let sandbox = e.sandbox.clone();
+        let data = serde_json::to_value(&e).unwrap_or(Value::Null);
+        tokio::spawn(async move {
+            let _ = app
+                .audit(None, Some(&sandbox), EventKind::Egress, data)
+                .await;
+        });
+    }
+
+    fn denial_limit(&self, sandbox: &str) {
+        let Some(app) = self.app.upgrade() else {
+            return;
+        };
+        let Some(sbx) = app.sandbox(sandbox) else {
+            return;
+        };
+        app.counters.egress_kills.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let _ = app.destroy(&sbx, None, "egress_denials").await;
+        });
+    }
 }

@@ -221,6 +221,10 @@ struct CreateBody {
     timeout_s: Option<u64>,
     #[serde(default)]
     tier: Option<String>,
+    /// Values of the secrets the policy binds to hosts (`network.secrets`): the sandbox
+    /// sees placeholders; the egress proxy puts these values into requests to those hosts.
+    #[serde(default)]
+    secrets: BTreeMap<String, String>,
 }
 
 const MAX_METADATA: usize = 64;
@@ -271,7 +275,14 @@ async fn create_sandbox(
     }
     let tier = body.tier.unwrap_or_else(|| "native".into());
     let sbx = app
-        .create(&caller, policy, body.metadata, body.timeout_s, tier)
+        .create(
+            &caller,
+            policy,
+            body.metadata,
+            body.timeout_s,
+            tier,
+            body.secrets,
+        )
         .await?;
     Ok((StatusCode::CREATED, Json(sbx.json())).into_response())
 }
@@ -542,6 +553,9 @@ struct EventsQuery {
     limit: Option<u32>,
     #[serde(default)]
     follow: Option<String>,
+    /// Only these kinds, comma-separated (`egress,exec_finished`).
+    #[serde(default)]
+    kind: Option<String>,
 }
 
 fn truthy(v: &Option<String>) -> bool {
@@ -608,10 +622,24 @@ async fn events(
     } else {
         Some(caller.key_id().clone())
     };
+    let mut kinds = Vec::new();
+    for k in q
+        .kind
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .filter(|k| !k.is_empty())
+    {
+        kinds.push(k.parse::<EventKind>().map_err(|_| {
+            ApiError::bad_request(format!(
+                "kind `{k}` is not an event kind (e.g. egress, exec_finished, sandbox_created)"
+            ))
+        })?);
+    }
     let filter = EventFilter {
         sandbox_id: sandbox.clone(),
         since_seq: q.since,
-        kinds: Vec::new(),
+        kinds,
         owner_key: owner.clone(),
         limit: Some(q.limit.unwrap_or(1000).min(10_000)),
     };
@@ -774,6 +802,21 @@ async fn prometheus(State(app): State<Arc<App>>) -> Response {
             "moat_execs_total",
             "Commands run through the API.",
             &c.execs,
+        ),
+        (
+            "moat_egress_allowed_total",
+            "Connections the egress proxy let through.",
+            &c.egress_allowed,
+        ),
+        (
+            "moat_egress_denied_total",
+            "Connections the egress proxy refused.",
+            &c.egress_denied,
+        ),
+        (
+            "moat_egress_denial_kills_total",
+            "Sandboxes destroyed for too many denied connections.",
+            &c.egress_kills,
         ),
         (
             "moat_http_requests_total",

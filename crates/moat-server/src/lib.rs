@@ -10,6 +10,7 @@
 pub mod agent_client;
 pub mod app;
 pub mod b64;
+pub mod egress;
 pub mod error;
 pub mod events;
 mod exec;
@@ -36,6 +37,9 @@ pub struct ServeConfig {
     pub default_ttl_s: u64,
     /// The longest lifetime a sandbox may have or be extended to. Default 86400 s.
     pub max_ttl_s: u64,
+    /// The operator's egress settings (private ranges let through, pinned names, the
+    /// resolver, extra upstream roots); sandboxes cannot change them.
+    pub egress: moat_egress::Operator,
 }
 
 /// Why the daemon could not start or stopped.
@@ -111,7 +115,11 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         .thread_name("moat-serve")
         .build()
         .map_err(|e| ServeError::Runtime(format!("cannot start the async runtime: {e}")))?;
+    let proxy = runtime
+        .block_on(async { moat_egress::Proxy::new(cfg.egress.clone()) })
+        .map_err(|e| ServeError::Runtime(format!("cannot start the egress proxy: {e}")))?;
     let app = Arc::new(app::App {
+        proxy,
         cfg: cfg.clone(),
         db: Mutex::new(store),
         events,

@@ -815,7 +815,14 @@ impl Backend for AppBackend {
             crate::http::check_metadata(&metadata)?;
             let sbx = self
                 .app
-                .create(&caller, json!({}), metadata, timeout_s, "native".into())
+                .create(
+                    &caller,
+                    json!({}),
+                    metadata,
+                    timeout_s,
+                    "native".into(),
+                    BTreeMap::new(),
+                )
                 .await?;
             Ok(sbx.json())
         })

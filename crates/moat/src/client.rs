@@ -99,6 +99,19 @@ pub struct ServeArgs {
     /// The longest lifetime a sandbox may be given, in seconds.
     #[arg(long, default_value_t = 86_400, value_name = "SECONDS")]
     pub max_ttl: u64,
+    /// Config file (TOML) with an `[egress]` table: `allow_cidrs`, `hosts`, `dns`,
+    /// `ca_files` (as the --egress-* flags, which add to it).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub egress: crate::egress_args::EgressArgs,
+}
+
+/// `moat serve --config FILE`.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct ServeFile {
+    egress: crate::egress_args::EgressConfig,
 }
 
 #[derive(Args)]
@@ -552,12 +565,34 @@ pub fn print_json(v: &Value) {
 // serve
 // ---------------------------------------------------------------------------------------------
 
-fn serve(a: ServeArgs) -> i32 {
+fn serve(mut a: ServeArgs) -> i32 {
+    if let Some(path) = &a.config {
+        let file = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))
+            .and_then(|t| {
+                toml::from_str::<ServeFile>(&t).map_err(|e| format!("{}: {e}", path.display()))
+            });
+        match file {
+            Ok(f) => a.egress.merge(f.egress),
+            Err(e) => {
+                eprintln!("moat serve: --config {e}");
+                return 2;
+            }
+        }
+    }
+    let egress = match a.egress.operator() {
+        Ok(op) => op,
+        Err(e) => {
+            eprintln!("moat serve: {e:#}");
+            return 2;
+        }
+    };
     let cfg = moat_server::ServeConfig {
         listen: a.listen,
         state_dir: a.state_dir.unwrap_or_else(default_state_dir),
         default_ttl_s: a.default_ttl,
         max_ttl_s: a.max_ttl,
+        egress,
     };
     match moat_server::serve(cfg) {
         Ok(()) => 0,

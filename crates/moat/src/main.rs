@@ -10,7 +10,9 @@ use moat_policy::{parse_bytes, parse_duration, Layer, Mount, Policy};
 use std::io::Write;
 
 mod client;
+mod egress_args;
 mod mcp;
+mod run_agent;
 
 #[derive(Parser)]
 #[command(
@@ -87,6 +89,22 @@ struct RunArgs {
     /// Run even when this host lacks a layer: `cgroups` or `landlock`. Repeatable.
     #[arg(long, value_name = "LAYER")]
     allow_missing: Vec<String>,
+    /// Network: `none` (default: only the sandbox's own loopback) or `allow:HOST,...`:
+    /// connections through moat's egress proxy to those hosts (`example.com`,
+    /// `*.example.com`, either with `:PORT`; CIDRs for IP literals), e.g.
+    /// `--net allow:pypi.org,*.pythonhosted.org`. Proxy variables are set in the sandbox.
+    #[arg(long, value_name = "none|allow:HOST,...")]
+    net: Option<String>,
+    /// Deny rules that win over the allowlist, same syntax. Repeatable.
+    #[arg(long, value_name = "HOST")]
+    net_deny: Vec<String>,
+    /// Bind a secret from moat's own environment to hosts: `NAME=HOST,...`. The sandbox
+    /// sees a placeholder in $NAME; the proxy puts the real value into request headers sent
+    /// to those hosts only (over TLS it terminates with a per-sandbox CA). Repeatable.
+    #[arg(long, value_name = "NAME=HOST,...")]
+    secret: Vec<String>,
+    #[command(flatten)]
+    egress: egress_args::EgressArgs,
     /// Print one JSON result instead of passing the output through.
     #[arg(long)]
     json: bool,
@@ -143,6 +161,33 @@ fn build_policy(a: &RunArgs) -> Result<Policy> {
     if a.sys {
         p.fs.sys = true;
     }
+    match a.net.as_deref() {
+        None => {}
+        Some("none") => p.network.mode = moat_policy::NetworkMode::None,
+        Some(n) => {
+            let Some(list) = n.strip_prefix("allow:") else {
+                bail!("--net {n}: write `none` or `allow:HOST,HOST,...`");
+            };
+            p.network.mode = moat_policy::NetworkMode::Allowlist;
+            p.network
+                .allow
+                .extend(list.split(',').filter(|h| !h.is_empty()).map(String::from));
+        }
+    }
+    p.network.deny.extend(a.net_deny.iter().cloned());
+    for s in &a.secret {
+        let Some((name, hosts)) = s.split_once('=') else {
+            bail!("--secret {s}: write NAME=HOST,... e.g. OPENAI_API_KEY=api.openai.com");
+        };
+        p.network.secrets.insert(
+            name.to_string(),
+            hosts
+                .split(',')
+                .filter(|h| !h.is_empty())
+                .map(String::from)
+                .collect(),
+        );
+    }
     for l in &a.allow_missing {
         let layer = match l.as_str() {
             "cgroups" => Layer::Cgroups,
@@ -196,6 +241,16 @@ fn cmd_run(a: RunArgs) -> i32 {
         Ok(p) => p,
         Err(e) => return fail(format!("{e:#}")),
     };
+    if policy.network.mode == moat_policy::NetworkMode::Allowlist {
+        let operator = match a.egress.operator() {
+            Ok(op) => op,
+            Err(e) => return fail(format!("{e:#}")),
+        };
+        return match run_agent::run(policy, a.cmd, json, operator) {
+            Ok((result, events)) => report(json, &result, Some(&events)),
+            Err(e) => fail(e),
+        };
+    }
     let req = RunRequest {
         policy,
         argv: a.cmd,
@@ -207,9 +262,22 @@ fn cmd_run(a: RunArgs) -> i32 {
         Err(e @ RunError::Refused(_)) => return fail(format!("refusing to run: {e}")),
         Err(e) => return fail(e.to_string()),
     };
+    report(json, &result, None)
+}
+
+/// Prints a run's result (`--json`: one document, with the egress proxy's connections when
+/// there was a proxy) and gives the exit code.
+fn report(json: bool, result: &ExecResult, egress: Option<&[moat_egress::ConnEvent]>) -> i32 {
     if json {
+        let mut doc = serde_json::to_value(result).unwrap_or_default();
+        if let (Some(ev), Some(obj)) = (egress, doc.as_object_mut()) {
+            obj.insert(
+                "egress".into(),
+                serde_json::to_value(ev).unwrap_or_default(),
+            );
+        }
         let mut out = std::io::stdout().lock();
-        let _ = serde_json::to_writer(&mut out, &result);
+        let _ = serde_json::to_writer(&mut out, &doc);
         let _ = out.write_all(b"\n");
         let _ = out.flush();
     } else if result.status != Status::Ok {

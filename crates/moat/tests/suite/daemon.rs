@@ -20,6 +20,8 @@ pub struct Daemon {
     child: Option<Child>,
     fence: Fence,
     agent: ureq::Agent,
+    /// Extra `moat serve` arguments (egress settings, say).
+    extra: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -65,6 +67,11 @@ impl Answer {
 
 impl Daemon {
     pub fn start() -> Daemon {
+        Daemon::start_with(&[])
+    }
+
+    /// A daemon started with these extra `moat serve` arguments.
+    pub fn start_with(extra: &[&str]) -> Daemon {
         let state = scratch_dir("serve");
         let mut d = Daemon {
             url: String::new(),
@@ -74,6 +81,7 @@ impl Daemon {
             child: None,
             fence: Fence::new(),
             agent: agent(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         d.url = format!("http://127.0.0.1:{}", d.port);
         d.launch();
@@ -95,6 +103,7 @@ impl Daemon {
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--state-dir")
             .arg(&self.state)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(self.log_file())

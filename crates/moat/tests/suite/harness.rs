@@ -118,11 +118,22 @@ impl Run {
 /// Runs `moat ARGS...` inside a fresh fence, with `stdin` as its input, killed after
 /// `limit` (the fence's own timeout).
 pub fn moat_raw(args: &[&str], stdin: Option<&[u8]>, limit: Duration) -> Run {
+    moat_raw_env(args, stdin, limit, &[])
+}
+
+/// [`moat_raw`] with extra variables in moat's own environment.
+pub fn moat_raw_env(
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    limit: Duration,
+    env: &[(&str, &str)],
+) -> Run {
     let fence = Fence::new();
     let mut script = fence.prefix();
     script.push_str("exec \"$0\" \"$@\"");
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c").arg(script).arg(moat_bin()).args(args);
+    cmd.envs(env.iter().copied());
     cmd.stdin(if stdin.is_some() {
         Stdio::piped()
     } else {

@@ -4,6 +4,7 @@ mod attacks_net;
 mod attacks_resources;
 mod cli;
 pub mod daemon;
+mod egress;
 pub mod harness;
 mod info_leaks;
 mod mcp;
