@@ -1,0 +1,1559 @@
+//! The gvisor tier: the same sandbox behind gVisor's user-space kernel (`runsc`, Debian's
+//! `runsc` package), with the same agent as PID 1 serving the same protocol.
+//!
+//! Start of one sandbox ([`spawn`]):
+//!
+//! ```text
+//! moat (host, single-threaded) ── makes the cgroup (limits + gVisor's own headroom)
+//!   │ writes <run>/gvisor/ID/{bundle/config.json, bundle/rootfs, bundle/etc, ctl/policy.json}
+//!   │ forks; the child joins the cgroup and execs
+//!   ▼ runsc --ignore-cgroups --network=none --host-uds=create run --detach
+//!         runsc-gofer + runsc-sandbox (the sentry) + its stub processes, all in the cgroup
+//!            └─ PID 1 inside: this binary, bind-mounted read-only at /.moat-agent
+//!               `/.moat-agent __moat-gvisor-agent`: reads /.moat/policy.json, binds
+//!               /.moat/agent.sock (a real host socket, made by the gofer; /.moat is
+//!               root's, 0700), drops to the sandbox user, installs seccomp, reports "ready" on its stdout
+//!               (a pipe to the host), then serves the agent protocol (crate::agent).
+//! ```
+//!
+//! The socket path the caller asked for ([`SpawnRequest::socket`]) becomes a symlink to the
+//! socket in the sandbox's control directory. Limits are moat's own cgroup (v1 or v2, the
+//! same `cgroup_paths` as the native tier: pause, stats, OOM detection and removal work
+//! unchanged); runsc is told to leave cgroups alone. The cgroup holds gVisor's own processes
+//! and threads as well as the workload's memory, so its pids and memory limits are the
+//! policy's plus gVisor's headroom ([`host_limits`]); the workload's own process limit is
+//! enforced inside gVisor (`RLIMIT_NPROC`).
+//!
+//! What differs from the native tier: no Landlock (gVisor implements none; its kernel is the
+//! boundary, and the layers report it in `missing`); seccomp is the same filter, installed
+//! inside gVisor (it filters calls into the user-space kernel, not the host's). `/dev` is
+//! gVisor's own minimal one.
+
+use crate::cgroup::{self, Cgroup};
+use crate::native::{ExecEnv, RunError, SpawnRequest, Spawned};
+use crate::rootfs;
+use moat_api::Layers;
+use moat_policy::{Layer, Policy};
+use moat_sys::process::{self as sys, Forked};
+use oci_spec::runtime as oci;
+use serde::{Deserialize, Serialize};
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The hidden first argument that makes the moat binary (or `moat-spawner`) the gvisor
+/// tier's agent: `moat __moat-gvisor-agent` runs [`agent_main`].
+pub const AGENT_ARG: &str = "__moat-gvisor-agent";
+
+/// Where the agent binary is bound (read-only) inside the sandbox.
+const AGENT_IN: &str = "/.moat-agent";
+/// Where the sandbox's control directory is bound (read-write, root's and 0700: for the
+/// agent before it drops to the sandbox user).
+const CTL_IN: &str = "/.moat";
+const POLICY_FILE: &str = "policy.json";
+const SOCKET_FILE: &str = "agent.sock";
+/// Largest policy file the agent reads.
+const POLICY_MAX: u64 = 4 << 20;
+
+/// How many host tasks (threads and processes) the cgroup allows per task of the workload.
+/// gVisor's ptrace platform runs each workload address space as a stub process with a stub
+/// thread per sentry thread that ever entered it, and the sentry and gofer themselves run
+/// about 50 threads when idle: measured here (2 CPUs, ptrace), an idle sandbox holds 52 host
+/// tasks, one with 20 sleeping processes 582, one with 64 (its `RLIMIT_NPROC`) 1207: about
+/// 19 host tasks per workload process. The workload's own limit is enforced
+/// inside gVisor (`RLIMIT_NPROC` = `limits.pids` for the sandbox user, which gVisor
+/// applies), so a fork bomb gets `EAGAIN` there; the cgroup's pids limit only keeps gVisor
+/// itself bounded: `(limits.pids + PIDS_HEADROOM) * PIDS_PER_TASK`.
+pub const PIDS_PER_TASK: u64 = 24;
+/// Workload tasks' worth of room in the cgroup for gVisor's own threads (see
+/// [`PIDS_PER_TASK`]).
+pub const PIDS_HEADROOM: u64 = 64;
+/// Memory gVisor itself uses in a sandbox's cgroup on top of the workload's: the sentry's and
+/// gofer's heaps, page tables and stubs (an idle sandbox peaks at about 28 MiB here). The
+/// cgroup's memory limit is `limits.memory` plus this.
+pub const MEMORY_HEADROOM: u64 = 64 << 20;
+
+/// How long [`spawn`] waits for the agent to report.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one runsc command of the teardown may take.
+const RUNSC_CMD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a platform probe (`runsc do true`) may take before it counts as not working.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What [`destroy`] and a re-attaching daemon need of a gvisor sandbox, stored in
+/// [`Spawned::gvisor`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GvisorState {
+    /// The runsc container id.
+    pub id: String,
+    /// The sandbox's own directory: `bundle/` (config.json, rootfs, etc), `state/` (runsc's
+    /// `--root`), `ctl/` (policy.json and the agent's socket), `runsc.log`.
+    pub dir: PathBuf,
+    /// The runsc binary it was started with.
+    pub runsc: PathBuf,
+    /// The symlink made at [`SpawnRequest::socket`] (removed by [`destroy`]).
+    pub socket: PathBuf,
+}
+
+impl GvisorState {
+    fn state_root(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+}
+
+/// Where the gvisor tier keeps its sandboxes' directories: `<moat's run dir>/gvisor`.
+pub fn base_dir() -> PathBuf {
+    rootfs::run_dir(false).join("gvisor")
+}
+
+/// The runsc binary: `$MOAT_RUNSC` when set, else the first `runsc` in `PATH`, `/usr/bin`,
+/// `/usr/sbin` or `/usr/local/bin`.
+pub fn find_runsc() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("MOAT_RUNSC") {
+        let p = PathBuf::from(p);
+        return p.is_file().then_some(p);
+    }
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .filter(|d| d.starts_with('/'))
+        .chain(["/usr/bin", "/usr/sbin", "/usr/local/bin"])
+        .map(|d| Path::new(d).join("runsc"))
+        .find(|p| p.is_file());
+    found
+}
+
+/// The gVisor platform sandboxes use: `$MOAT_GVISOR_PLATFORM` (`ptrace`, `kvm`, `systrap`
+/// where runsc has it), default `ptrace` (works wherever runsc does; `moat doctor` says
+/// which others work here).
+pub fn platform() -> String {
+    match std::env::var("MOAT_GVISOR_PLATFORM") {
+        Ok(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric()) => p,
+        _ => "ptrace".to_string(),
+    }
+}
+
+/// Whether this host can start gvisor sandboxes at all (cheap: no runsc is run), with the
+/// runsc binary. The error says what to install or do.
+pub fn check_host() -> Result<PathBuf, String> {
+    let Some(runsc) = find_runsc() else {
+        return Err(
+            "the gvisor tier needs gVisor's runsc, which is not installed: run \
+                    `apt-get install runsc` (Debian/Ubuntu) or set MOAT_RUNSC to its path; or \
+                    use tier native"
+                .into(),
+        );
+    };
+    if sys::effective_uid() != 0 {
+        return Err(
+            "the gvisor tier needs root here (runsc starts its sandbox and gofer as \
+                    root): run moat as root, or use tier native"
+                .into(),
+        );
+    }
+    Ok(runsc)
+}
+
+/// The cgroup limits of a gvisor sandbox: the policy's plus gVisor's own headroom.
+pub fn host_limits(policy: &Policy) -> cgroup::Limits {
+    let l = &policy.limits;
+    cgroup::Limits {
+        memory: l.memory.saturating_add(MEMORY_HEADROOM),
+        pids: l
+            .pids
+            .saturating_add(PIDS_HEADROOM)
+            .saturating_mul(PIDS_PER_TASK),
+        cpus: l.cpus,
+    }
+}
+
+fn io_ctx(what: impl Into<String>) -> impl FnOnce(io::Error) -> RunError {
+    let what = what.into();
+    move |source| RunError::Io { what, source }
+}
+
+fn mkdir(path: &Path, mode: u32) -> Result<(), RunError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(io_ctx(format!("create {}", path.display())))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(io_ctx(format!("chmod {}", path.display())))
+}
+
+/// `MOAT_TRACE=1`: where a start's time goes (`moat-trace: gvisor PHASE MICROS`).
+fn trace(started: Instant, phase: &str) {
+    if std::env::var_os("MOAT_TRACE").is_some_and(|v| v == "1") {
+        let line = format!(
+            "moat-trace: gvisor {phase} {}\n",
+            started.elapsed().as_micros()
+        );
+        let _ = sys::write_all(2, line.as_bytes());
+    }
+}
+
+/// What is undone when a start fails.
+struct Pending {
+    state: GvisorState,
+    cg: Option<Cgroup>,
+    armed: bool,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = teardown(&self.state, None);
+            if let Some(cg) = self.cg.as_mut() {
+                let _ = cg.kill_all();
+                cg.destroy();
+            }
+            let _ = fs::remove_dir_all(&self.state.dir);
+        }
+    }
+}
+
+/// Starts a persistent gvisor sandbox whose agent listens on `req.socket` (a symlink to the
+/// real socket in the sandbox's control directory); returns once the agent listens. The
+/// socket's directory must exist; a stale socket or symlink there is replaced.
+///
+/// Must be called from a single-threaded process (see [`crate::spawner`] for daemons).
+pub fn spawn(req: &SpawnRequest) -> Result<Spawned, RunError> {
+    let started = Instant::now();
+    let policy = &req.policy;
+    policy
+        .validate()
+        .map_err(|e| RunError::Refused(e.to_string()))?;
+    let runsc = check_host().map_err(RunError::Refused)?;
+    if !sys::is_single_threaded() {
+        return Err(RunError::Setup(
+            "the gvisor tier must be started from a single-threaded process".into(),
+        ));
+    }
+    let agent = agent_binary()?;
+    check_socket_path(&req.socket)?;
+    let base = base_dir();
+    mkdir(&base, 0o700)?;
+    let id = format!(
+        "moat-g{:x}-{:x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() & 0xffff_ffff_ffff)
+    );
+    let dir = base.join(&id);
+    fs::create_dir(&dir).map_err(io_ctx(format!("create {}", dir.display())))?;
+    let mut pending = Pending {
+        state: GvisorState {
+            id: id.clone(),
+            dir: dir.clone(),
+            runsc: runsc.clone(),
+            socket: req.socket.clone(),
+        },
+        cg: None,
+        armed: true,
+    };
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+        .map_err(io_ctx(format!("chmod {}", dir.display())))?;
+    let ctl = dir.join("ctl");
+    mkdir(&ctl, 0o700)?;
+    mkdir(&dir.join("state"), 0o700)?;
+    let policy_json = serde_json::to_vec(&PolicyOut(policy))
+        .map_err(|e| RunError::Setup(format!("encode the policy: {e}")))?;
+    write_private(&ctl.join(POLICY_FILE), &policy_json)?;
+    let bundle = dir.join("bundle");
+    mkdir(&bundle, 0o755)?;
+    let spec = build_spec(policy, &bundle, &ctl, &agent)?;
+    spec.save(bundle.join("config.json"))
+        .map_err(|e| RunError::Setup(format!("write the OCI bundle: {e}")))?;
+
+    trace(started, "bundle-written");
+    let mut missing = vec![
+        "landlock (not in the gvisor tier: gVisor has no Landlock; its user-space kernel is \
+         the filesystem boundary)"
+            .to_string(),
+    ];
+    pending.cg = make_cgroup(policy, &id, &mut missing)?;
+    let cg_version = pending
+        .cg
+        .as_ref()
+        .map_or_else(|| "none".to_string(), |c| c.version.as_str().to_string());
+
+    trace(started, "cgroup-made");
+    let log_path = dir.join("runsc.log");
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&log_path)
+        .map_err(io_ctx(format!("create {}", log_path.display())))?;
+    let (st_r, st_w) = sys::pipe().map_err(io_ctx("pipe"))?;
+    // The files runsc's process writes itself into: on v1 the `tasks` files (a single
+    // thread moving itself skips the wait for an RCU grace period that moving a whole
+    // process costs, as the native tier's init does), on v2 `cgroup.procs`.
+    let procs_files: Vec<String> = pending.cg.as_ref().map_or_else(Vec::new, |c| {
+        let v1 = c.version == cgroup::Version::V1;
+        c.paths()
+            .iter()
+            .map(|d| {
+                d.join(if v1 { "tasks" } else { "cgroup.procs" })
+                    .display()
+                    .to_string()
+            })
+            .collect()
+    });
+    let plat = platform();
+    let args: Vec<String> = vec![
+        "runsc".into(),
+        format!("--root={}", dir.join("state").display()),
+        "--network=none".into(),
+        "--ignore-cgroups".into(),
+        "--host-uds=create".into(),
+        format!("--platform={plat}"),
+        "run".into(),
+        "--detach".into(),
+        "--bundle".into(),
+        bundle.display().to_string(),
+        id.clone(),
+    ];
+    let child = exec_runsc(&runsc, &args, st_w, log.as_raw_fd(), &procs_files)?;
+    drop(log);
+    trace(started, "runsc-forked");
+    let line = read_line(st_r.as_raw_fd(), READY_TIMEOUT);
+    trace(started, "agent-reported");
+    // runsc run --detach exits once the container started; reap it if it is our child (a
+    // spawner, which ignores SIGCHLD, has it reaped by the kernel).
+    wait_exit(&child, Duration::from_secs(5));
+    let line = line.map_err(io_ctx("wait for the gvisor sandbox's agent"))?;
+    let seccomp = match line.strip_prefix("ready") {
+        Some(rest) => match rest.trim().strip_prefix("noseccomp") {
+            Some(why) => {
+                missing.push(format!(
+                    "seccomp (gVisor refused the filter:{why}; gVisor's kernel is the boundary)"
+                ));
+                false
+            }
+            None => true,
+        },
+        None => {
+            let mut why = line
+                .strip_prefix("error ")
+                .map(str::to_string)
+                .unwrap_or_default();
+            if why.is_empty() {
+                let log = read_tail(&log_path, 4096);
+                why = if log.trim().is_empty() {
+                    "the gvisor sandbox exited before its agent was ready".into()
+                } else {
+                    format!("runsc failed: {}", log.trim())
+                };
+            }
+            return Err(RunError::Setup(format!(
+                "{why} (run `moat doctor` to check gVisor on this host)"
+            )));
+        }
+    };
+    let (pid, start_time) = find_sentry(&pending.state, pending.cg.as_ref()).ok_or_else(|| {
+        RunError::Setup("the gvisor sandbox's process is gone right after it started".into())
+    })?;
+    link_socket(&ctl.join(SOCKET_FILE), &req.socket)?;
+    let layers = Layers {
+        tier: "gvisor".into(),
+        landlock_abi: 0,
+        seccomp,
+        cgroup: cg_version,
+        missing,
+    };
+    pending.armed = false;
+    let cgroup_paths = pending
+        .cg
+        .take()
+        .map(Cgroup::into_paths)
+        .unwrap_or_default();
+    trace(started, "spawned");
+    Ok(Spawned {
+        pid,
+        start_time,
+        cgroup_paths,
+        layers,
+        gvisor: Some(pending.state.clone()),
+    })
+}
+
+/// The policy as the agent reads it back: serialised from the fields moat_policy exposes
+/// (Policy itself only deserialises).
+struct PolicyOut<'a>(&'a Policy);
+
+impl Serialize for PolicyOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        policy_to_json(self.0).serialize(s)
+    }
+}
+
+/// The policy in the schema of moat's TOML policy, as JSON.
+fn policy_to_json(p: &Policy) -> serde_json::Value {
+    use serde_json::json;
+    let l = &p.limits;
+    let layers: Vec<&str> = p
+        .security
+        .allow_missing
+        .iter()
+        .map(|l| l.as_str())
+        .collect();
+    let mounts: Vec<serde_json::Value> =
+        p.fs.mounts
+            .iter()
+            .map(|m| json!({"src": m.src, "dst": m.dst, "rw": m.rw}))
+            .collect();
+    let n = &p.network;
+    json!({
+        "limits": {
+            "memory": l.memory.to_string(),
+            "pids": l.pids,
+            "cpus": l.cpus,
+            "timeout": format!("{}ms", l.timeout.as_millis()),
+            "output": l.output.to_string(),
+            "nofile": l.nofile,
+            "fsize": l.fsize.to_string(),
+            "stack": l.stack.to_string(),
+            "tmp_size": l.tmp_size.to_string(),
+            "workdir_size": l.workdir_size.to_string(),
+        },
+        "fs": {
+            "root": p.fs.root,
+            "workdir": p.fs.workdir,
+            "sys": p.fs.sys,
+            "mount": mounts,
+        },
+        "env": p.env,
+        "process": {
+            "uid": p.process.uid,
+            "gid": p.process.gid,
+            "hostname": p.process.hostname,
+        },
+        "network": {
+            "mode": match n.mode {
+                moat_policy::NetworkMode::None => "none",
+                moat_policy::NetworkMode::Allowlist => "allowlist",
+            },
+            "allow": n.allow,
+            "deny": n.deny,
+            "max_denials": n.max_denials,
+            "max_connections": n.max_connections,
+            "max_bytes": n.max_bytes.to_string(),
+            "idle_timeout": format!("{}ms", n.idle_timeout.as_millis()),
+            "secrets": n.secrets,
+        },
+        "security": {
+            "allow_missing": layers,
+            "landlock_min_abi": p.security.landlock_min_abi,
+        },
+        "tier": p.tier.as_str(),
+    })
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_ctx(format!("create {}", path.display())))?;
+    f.write_all(bytes)
+        .map_err(io_ctx(format!("write {}", path.display())))
+}
+
+/// The moat binary that runs (never a path the sandbox can write: it is bound read-only).
+fn agent_binary() -> Result<PathBuf, RunError> {
+    let p = fs::read_link("/proc/self/exe").map_err(io_ctx("find moat's own binary"))?;
+    if !p.is_file() {
+        return Err(RunError::Setup(format!(
+            "moat's own binary {} is gone (replaced while running?): restart moat",
+            p.display()
+        )));
+    }
+    Ok(p)
+}
+
+/// The socket path must be free, a stale socket or a symlink (replaced), in a directory
+/// that exists.
+fn check_socket_path(path: &Path) -> Result<(), RunError> {
+    use std::os::unix::fs::FileTypeExt;
+    match path.parent() {
+        Some(d) if d.is_dir() => {}
+        _ => {
+            return Err(RunError::Setup(format!(
+                "listen on the agent socket {}: its directory does not exist",
+                path.display()
+            )))
+        }
+    }
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() || m.file_type().is_symlink() => Ok(()),
+        Ok(_) => Err(RunError::Setup(format!(
+            "{} exists and is not a socket: remove it or choose another socket path",
+            path.display()
+        ))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_ctx(format!(
+            "listen on the agent socket {}",
+            path.display()
+        ))(e)),
+    }
+}
+
+fn link_socket(real: &Path, at: &Path) -> Result<(), RunError> {
+    let what = || format!("link the agent socket at {}", at.display());
+    match fs::remove_file(at) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_ctx(what())(e)),
+    }
+    std::os::unix::fs::symlink(real, at).map_err(io_ctx(what()))
+}
+
+fn make_cgroup(
+    policy: &Policy,
+    id: &str,
+    missing: &mut Vec<String>,
+) -> Result<Option<Cgroup>, RunError> {
+    let mut host = cgroup::Host::detect();
+    if let Err(e) = host.resolve() {
+        let why = e.to_string();
+        host.parents.clear();
+        host.missing = cgroup::Controller::ALL
+            .iter()
+            .map(|c| (*c, why.clone()))
+            .collect();
+    }
+    if !host.missing.is_empty() {
+        let reasons: Vec<String> = host
+            .missing
+            .iter()
+            .map(|(c, w)| format!("{}: {w}", c.name()))
+            .collect();
+        if !policy.security.allows_missing(Layer::Cgroups) {
+            return Err(RunError::Refused(format!(
+                "cgroup limits are not available here ({}): the gvisor tier puts runsc in a \
+                 cgroup of moat's; run as root on a host with the memory, pids and cpu \
+                 controllers, or set security.allow_missing = [\"cgroups\"]",
+                reasons.join("; ")
+            )));
+        }
+        missing.extend(reasons.into_iter().map(|r| format!("{r} limit")));
+        if host.parents.is_empty() {
+            return Ok(None);
+        }
+    }
+    Cgroup::create(&host, id, host_limits(policy))
+        .map(Some)
+        .map_err(|e| {
+            RunError::Setup(format!(
+                "{e} (set security.allow_missing = [\"cgroups\"] to run without limits)"
+            ))
+        })
+}
+
+/// Forks and executes runsc with stdin on /dev/null, stdout on `st_w`, stderr on `log`,
+/// in the cgroup whose `cgroup.procs` files are `procs_files`, in a session of its own and
+/// with default signal dispositions. Returns its pidfd.
+fn exec_runsc(
+    runsc: &Path,
+    args: &[String],
+    st_w: OwnedFd,
+    log: RawFd,
+    procs_files: &[String],
+) -> Result<OwnedFd, RunError> {
+    let to_c = |s: &str| {
+        CString::new(s).map_err(|_| RunError::Setup(format!("`{s}` contains a NUL byte")))
+    };
+    let path = to_c(&runsc.display().to_string())?;
+    let argv = args
+        .iter()
+        .map(|a| to_c(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let envp = vec![to_c(
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    )?];
+    let null = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(io_ctx("open /dev/null"))?;
+    match sys::clone_fork(0) {
+        Err(e) => Err(io_ctx("fork runsc")(e)),
+        Ok(Forked::Child) => {
+            let fail = |what: &str, e: io::Error| -> ! {
+                let _ = sys::write_all(log, format!("moat: {what}: {e}\n").as_bytes());
+                sys::exit_now(125)
+            };
+            for f in procs_files {
+                if let Err(e) = fs::write(f, "0") {
+                    fail(&format!("join the sandbox's cgroup ({f})"), e);
+                }
+            }
+            let _ = sys::setsid();
+            sys::reset_signal_dispositions();
+            if let Err(e) = sys::set_signal_mask(&sys::empty_sigset()) {
+                fail("signal mask", e);
+            }
+            for (from, to) in [(null.as_raw_fd(), 0), (st_w.as_raw_fd(), 1), (log, 2)] {
+                if let Err(e) = sys::dup2(from, to) {
+                    fail("stdio", e);
+                }
+            }
+            if let Err(e) = sys::close_fds_from(3, None) {
+                fail("close fds", e);
+            }
+            let e = sys::execve(&path, &argv, &envp);
+            fail(&format!("execute {}", runsc.display()), e)
+        }
+        Ok(Forked::Parent { pidfd, .. }) => Ok(pidfd),
+    }
+}
+
+/// Waits (at most `timeout`) for the process of `pidfd` to exit, and reaps it if it is our
+/// child.
+fn wait_exit(pidfd: &OwnedFd, timeout: Duration) -> bool {
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    let exited = matches!(sys::poll(&[(pidfd.as_raw_fd(), libc::POLLIN)], ms), Ok(r) if r[0] != 0);
+    if exited {
+        let _ = sys::reap_pidfd(pidfd.as_raw_fd());
+    }
+    exited
+}
+
+/// One line from `fd` (without the newline); EOF first gives what was read.
+fn read_line(fd: RawFd, timeout: Duration) -> io::Result<String> {
+    let deadline = Instant::now() + timeout;
+    let mut line = Vec::new();
+    let mut b = [0u8; 512];
+    loop {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis() as i32;
+        if left <= 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no report within {} s", timeout.as_secs()),
+            ));
+        }
+        let rev = sys::poll(&[(fd, libc::POLLIN)], left)?;
+        if rev[0] == 0 {
+            continue;
+        }
+        match sys::read(fd, &mut b) {
+            Ok(0) => return Ok(String::from_utf8_lossy(&line).into_owned()),
+            Ok(n) => {
+                line.extend_from_slice(&b[..n]);
+                if let Some(end) = line.iter().position(|&c| c == b'\n') {
+                    line.truncate(end);
+                    return Ok(String::from_utf8_lossy(&line).into_owned());
+                }
+                if line.len() > 64 << 10 {
+                    return Ok(String::from_utf8_lossy(&line).into_owned());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn read_tail(path: &Path, max: usize) -> String {
+    let bytes = fs::read(path).unwrap_or_default();
+    let start = bytes.len().saturating_sub(max);
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
+}
+
+/// Field 22 of `/proc/PID/stat`, unless the process is gone or a zombie.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if fields.first().is_some_and(|s| *s == "Z" || *s == "X") {
+        return None;
+    }
+    fields.get(22 - 3)?.parse().ok()
+}
+
+/// The processes runsc started for this sandbox (runsc itself, its gofer and its sandbox),
+/// each with its argv[0]: those whose command line has `--root=<this sandbox's state dir>`
+/// (unique to it). The ptrace stubs are the sandbox's children and die with it.
+fn runsc_procs(state: &GvisorState) -> Vec<(u32, String)> {
+    let marker = format!("--root={}", state.state_root().display());
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let mut args = cmd.split(|&b| b == 0);
+        let argv0 = String::from_utf8_lossy(args.next().unwrap_or_default()).into_owned();
+        if cmd.split(|&b| b == 0).any(|a| a == marker.as_bytes()) {
+            out.push((pid, argv0));
+        }
+    }
+    out
+}
+
+/// The sentry's (`runsc-sandbox`) pid and start time.
+fn find_sentry(state: &GvisorState, _cg: Option<&Cgroup>) -> Option<(u32, u64)> {
+    runsc_procs(state)
+        .into_iter()
+        .find(|(_, argv0)| argv0 == "runsc-sandbox")
+        .and_then(|(pid, _)| Some((pid, start_time(pid)?)))
+}
+
+/// Runs one runsc command for this sandbox, waiting at most [`RUNSC_CMD_TIMEOUT`]; true when
+/// it exited 0. Works in a multi-threaded process (the daemon).
+fn runsc_cmd(state: &GvisorState, args: &[&str]) -> bool {
+    let mut cmd = std::process::Command::new(&state.runsc);
+    cmd.arg(format!("--root={}", state.state_root().display()))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let Ok(mut child) = cmd.spawn() else {
+        return false;
+    };
+    let deadline = Instant::now() + RUNSC_CMD_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return st.success(),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            // ECHILD: SIGCHLD is ignored here and the kernel reaped it.
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Stops everything of the sandbox: `runsc kill`, then SIGKILL to any of its processes still
+/// there (the sentry first, checked by its start time), waits for the sentry to exit, and
+/// removes runsc's state: by `runsc delete --force` while one of its processes is still
+/// there, else directly (runsc's `--root` is the sandbox's own directory, and `delete` would
+/// only wait for a dead sentry's zombie to be reaped by whoever inherited it). Does not
+/// remove the other directories or the cgroup.
+fn teardown(state: &GvisorState, sentry: Option<(u32, u64)>) -> io::Result<()> {
+    let state_root = state.state_root();
+    if state_root.is_dir() {
+        runsc_cmd(state, &["kill", &state.id, "KILL"]);
+    }
+    let mut pidfd = None;
+    if let Some((pid, st)) = sentry {
+        if pid > 1 && pid <= i32::MAX as u32 {
+            if let Ok(fd) = sys::pidfd_open(pid as libc::pid_t) {
+                if start_time(pid) == Some(st) {
+                    let _ = sys::pidfd_kill(fd.as_raw_fd(), libc::SIGKILL);
+                    pidfd = Some(fd);
+                }
+            }
+        }
+    }
+    for (pid, _) in runsc_procs(state) {
+        if let Ok(fd) = sys::pidfd_open(pid as libc::pid_t) {
+            let _ = sys::pidfd_kill(fd.as_raw_fd(), libc::SIGKILL);
+        }
+    }
+    let mut result = Ok(());
+    if let Some(fd) = pidfd {
+        if !wait_exit(&fd, Duration::from_secs(5)) {
+            result = Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the gvisor sandbox {} did not exit within 5 s of SIGKILL: try again later",
+                    state.id
+                ),
+            ));
+        }
+    }
+    if state_root.is_dir() {
+        let live = runsc_procs(state)
+            .iter()
+            .any(|(pid, _)| start_time(*pid).is_some());
+        if live {
+            runsc_cmd(state, &["delete", "--force", &state.id]);
+        }
+        if let Err(e) = fs::remove_dir_all(&state_root) {
+            if e.kind() != io::ErrorKind::NotFound && result.is_ok() {
+                result = Err(io::Error::new(
+                    e.kind(),
+                    format!("remove {}: {e}", state_root.display()),
+                ));
+            }
+        }
+    }
+    result
+}
+
+/// Whether the gvisor sandbox `s` still runs (its sentry, by pid and start time).
+pub fn alive(s: &Spawned) -> bool {
+    s.pid > 1 && start_time(s.pid) == Some(s.start_time)
+}
+
+/// Kills a gvisor sandbox and removes what the tier made for it: every runsc, gofer and
+/// sandbox process (and with the sandbox its stubs), runsc's state, the bundle, the control
+/// directory with the socket, and the socket's symlink. Thaws a frozen cgroup first (a frozen
+/// sentry cannot die) and kills whatever is left in it, but leaves the cgroup directories to
+/// the caller, as the native tier's [`crate::native::destroy`] does. Ok when it was gone
+/// already.
+pub fn destroy(s: &Spawned) -> io::Result<()> {
+    let Some(state) = &s.gvisor else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a gvisor sandbox",
+        ));
+    };
+    // Only ever a directory of the tier's own: a stored path never removes anything else.
+    let base = base_dir();
+    if state.dir.parent() != Some(base.as_path())
+        || !state
+            .dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("moat-g") && n == state.id)
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is not a gvisor sandbox directory under {}",
+                state.dir.display(),
+                base.display()
+            ),
+        ));
+    }
+    let cg = if s.cgroup_paths.is_empty() {
+        None
+    } else {
+        Cgroup::open(s.cgroup_paths.clone()).ok()
+    };
+    if let Some(cg) = &cg {
+        if cg.is_frozen() {
+            let _ = cg.thaw();
+        }
+    }
+    let result = teardown(state, Some((s.pid, s.start_time)));
+    if let Some(cg) = cg {
+        let _ = cg.kill_all();
+        let _ = cg.into_paths();
+    }
+    let ours = fs::symlink_metadata(&state.socket).is_ok_and(|m| m.file_type().is_symlink())
+        && fs::read_link(&state.socket).is_ok_and(|t| t.starts_with(&state.dir));
+    if ours {
+        let _ = fs::remove_file(&state.socket);
+    }
+    match fs::remove_dir_all(&state.dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("remove {}: {e}", state.dir.display()),
+            ))
+        }
+    }
+    result
+}
+
+// ---------------------------------------------------------------------------------------
+// The OCI bundle.
+
+fn mount(dst: &str, typ: &str, src: &str, opts: &[&str]) -> Result<oci::Mount, RunError> {
+    oci::MountBuilder::default()
+        .destination(dst)
+        .typ(typ)
+        .source(src)
+        .options(opts.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .build()
+        .map_err(|e| RunError::Setup(format!("OCI mount {dst}: {e}")))
+}
+
+fn touch(path: &Path) -> Result<(), RunError> {
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(path)
+        .map(drop)
+        .map_err(io_ctx(format!("create {}", path.display())))
+}
+
+/// Writes the sanitised `/etc` (as the native tier's, see [`rootfs`]) into `etc`, and
+/// returns the read-only binds it needs inside.
+fn build_etc(policy: &Policy, etc: &Path) -> Result<Vec<oci::Mount>, RunError> {
+    mkdir(etc, 0o755)?;
+    for f in rootfs::ETC_FILES {
+        let src = Path::new("/etc").join(f);
+        let dst = etc.join(f);
+        match fs::symlink_metadata(&src) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let t = fs::read_link(&src).map_err(io_ctx(format!("read {}", src.display())))?;
+                std::os::unix::fs::symlink(t, &dst)
+                    .map_err(io_ctx(format!("symlink {}", dst.display())))?;
+            }
+            Ok(m) if m.is_file() && m.len() <= 4 << 20 && m.permissions().mode() & 0o004 != 0 => {
+                fs::copy(&src, &dst).map_err(io_ctx(format!("copy {}", src.display())))?;
+                fs::set_permissions(&dst, fs::Permissions::from_mode(0o644))
+                    .map_err(io_ctx(format!("chmod {}", dst.display())))?;
+            }
+            _ => {}
+        }
+    }
+    let mut binds = Vec::new();
+    for d in rootfs::ETC_DIRS {
+        let src = Path::new("/etc").join(d);
+        if fs::symlink_metadata(&src).is_ok_and(|m| m.is_dir()) {
+            mkdir(&etc.join(d), 0o755)?;
+            binds.push(mount(
+                &format!("/etc/{d}"),
+                "bind",
+                &src.display().to_string(),
+                &["rbind", "ro", "nosuid", "nodev", "noexec"],
+            )?);
+        }
+    }
+    let (uid, gid) = (policy.process.uid, policy.process.gid);
+    let home = &policy.fs.workdir;
+    let host = &policy.process.hostname;
+    let write = |name: &str, body: String| {
+        fs::write(etc.join(name), body).map_err(io_ctx(format!("write /etc/{name}")))
+    };
+    write(
+        "passwd",
+        format!(
+            "root:x:0:0:root:/root:/usr/sbin/nologin\nuser:x:{uid}:{gid}:sandbox user:{home}:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        ),
+    )?;
+    write(
+        "group",
+        format!("root:x:0:\ntty:x:5:\nuser:x:{gid}:\nnogroup:x:65534:\n"),
+    )?;
+    write("hostname", format!("{host}\n"))?;
+    write(
+        "hosts",
+        format!(
+            "127.0.0.1\tlocalhost\n127.0.1.1\t{host}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        ),
+    )?;
+    write("resolv.conf", "# no network in this sandbox\n".to_string())?;
+    Ok(binds)
+}
+
+/// The OCI runtime spec of the sandbox (see the module doc).
+fn build_spec(
+    policy: &Policy,
+    bundle: &Path,
+    ctl: &Path,
+    agent: &Path,
+) -> Result<oci::Spec, RunError> {
+    let rootfs_dir = bundle.join("rootfs");
+    mkdir(&rootfs_dir, 0o755)?;
+    let nr = |p: &str| rootfs_dir.join(p.trim_start_matches('/'));
+    let mut mounts = vec![mount(
+        "/proc",
+        "proc",
+        "proc",
+        &["nosuid", "nodev", "noexec"],
+    )?];
+    let own_root = policy.fs.root.is_none();
+    let root_path = match &policy.fs.root {
+        Some(r) => PathBuf::from(r),
+        None => {
+            for d in rootfs::HOST_DIRS {
+                let src = format!("/{d}");
+                match fs::symlink_metadata(&src) {
+                    Ok(m) if m.file_type().is_symlink() => {
+                        let t = fs::read_link(&src).map_err(io_ctx(format!("read {src}")))?;
+                        std::os::unix::fs::symlink(t, nr(&src))
+                            .map_err(io_ctx(format!("symlink {src}")))?;
+                    }
+                    Ok(m) if m.is_dir() => {
+                        mkdir(&nr(&src), 0o755)?;
+                        mounts.push(mount(
+                            &src,
+                            "bind",
+                            &src,
+                            &["rbind", "ro", "nosuid", "nodev"],
+                        )?);
+                    }
+                    _ => {}
+                }
+            }
+            for d in [
+                "/proc", "/dev", "/tmp", "/etc", "/root", "/home", "/run", "/var", "/var/tmp",
+            ] {
+                mkdir(&nr(d), 0o755)?;
+            }
+            let etc_binds = build_etc(policy, &bundle.join("etc"))?;
+            mounts.push(mount(
+                "/etc",
+                "bind",
+                &bundle.join("etc").display().to_string(),
+                &["rbind", "ro", "nosuid", "nodev", "noexec"],
+            )?);
+            mounts.extend(etc_binds);
+            rootfs_dir.clone()
+        }
+    };
+    if policy.fs.sys {
+        if own_root {
+            mkdir(&nr("/sys"), 0o755)?;
+        }
+        mounts.push(mount(
+            "/sys",
+            "sysfs",
+            "sysfs",
+            &["ro", "nosuid", "nodev", "noexec"],
+        )?);
+    }
+    let l = &policy.limits;
+    mounts.push(mount(
+        "/tmp",
+        "tmpfs",
+        "tmpfs",
+        &[
+            "nosuid",
+            "nodev",
+            "mode=1777",
+            &format!("size={}", l.tmp_size),
+        ],
+    )?);
+    if own_root {
+        mkdir(&nr(&policy.fs.workdir), 0o755)?;
+    }
+    mounts.push(mount(
+        &policy.fs.workdir,
+        "tmpfs",
+        "tmpfs",
+        &[
+            "nosuid",
+            "nodev",
+            "mode=0755",
+            &format!("uid={}", policy.process.uid),
+            &format!("gid={}", policy.process.gid),
+            &format!("size={}", l.workdir_size),
+        ],
+    )?);
+    for m in &policy.fs.mounts {
+        if own_root {
+            let dst = nr(&m.dst);
+            if Path::new(&m.src).is_dir() {
+                mkdir(&dst, 0o755)?;
+            } else {
+                if let Some(parent) = dst.parent() {
+                    mkdir(parent, 0o755)?;
+                }
+                touch(&dst)?;
+            }
+        }
+        mounts.push(mount(
+            &m.dst,
+            "bind",
+            &m.src,
+            &["rbind", if m.rw { "rw" } else { "ro" }, "nosuid", "nodev"],
+        )?);
+    }
+    if own_root {
+        touch(&nr(AGENT_IN))?;
+        mkdir(&nr(CTL_IN), 0o700)?;
+    }
+    mounts.push(mount(
+        AGENT_IN,
+        "bind",
+        &agent.display().to_string(),
+        &["bind", "ro", "nosuid", "nodev"],
+    )?);
+    mounts.push(mount(
+        CTL_IN,
+        "bind",
+        &ctl.display().to_string(),
+        &["bind", "rw", "nosuid", "nodev", "noexec"],
+    )?);
+
+    use oci::Capability as C;
+    // The agent starts as root of the sandbox with only what it needs to become the sandbox
+    // user (setuid/setgid), to empty its bounding set (setpcap) and to signal the workload
+    // (kill); it drops them all before serving. Capabilities inside gVisor are the
+    // sentry's, never the host's.
+    let caps: oci::Capabilities = [C::Setuid, C::Setgid, C::Setpcap, C::Kill]
+        .into_iter()
+        .collect();
+    let capabilities = oci::LinuxCapabilitiesBuilder::default()
+        .bounding(caps.clone())
+        .effective(caps.clone())
+        .permitted(caps)
+        .inheritable(oci::Capabilities::new())
+        .ambient(oci::Capabilities::new())
+        .build()
+        .map_err(|e| RunError::Setup(format!("OCI capabilities: {e}")))?;
+    // No core dumps; and the workload's process limit, which gVisor enforces per user inside
+    // the sandbox (the agent's real uid is another: it can always start a process).
+    let rlimit = |typ: oci::PosixRlimitType, v: u64| {
+        oci::PosixRlimitBuilder::default()
+            .typ(typ)
+            .soft(v)
+            .hard(v)
+            .build()
+            .map_err(|e| RunError::Setup(format!("OCI rlimits: {e}")))
+    };
+    let rlimits = vec![
+        rlimit(oci::PosixRlimitType::RlimitCore, 0)?,
+        rlimit(oci::PosixRlimitType::RlimitNproc, policy.limits.pids)?,
+    ];
+    let user = oci::UserBuilder::default()
+        .uid(0u32)
+        .gid(0u32)
+        .build()
+        .map_err(|e| RunError::Setup(format!("OCI user: {e}")))?;
+    let process = oci::ProcessBuilder::default()
+        .terminal(false)
+        .user(user)
+        .args(vec![AGENT_IN.to_string(), AGENT_ARG.to_string()])
+        .env(vec![
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        ])
+        .cwd("/")
+        .capabilities(capabilities)
+        .rlimits(rlimits)
+        .no_new_privileges(true)
+        .build()
+        .map_err(|e| RunError::Setup(format!("OCI process: {e}")))?;
+    let root = oci::RootBuilder::default()
+        .path(root_path)
+        .readonly(true)
+        .build()
+        .map_err(|e| RunError::Setup(format!("OCI root: {e}")))?;
+    let ns = |t: oci::LinuxNamespaceType| {
+        oci::LinuxNamespaceBuilder::default()
+            .typ(t)
+            .build()
+            .map_err(|e| RunError::Setup(format!("OCI namespace: {e}")))
+    };
+    use oci::LinuxNamespaceType as N;
+    let namespaces = vec![
+        ns(N::Pid)?,
+        ns(N::Network)?,
+        ns(N::Ipc)?,
+        ns(N::Uts)?,
+        ns(N::Mount)?,
+    ];
+    // The limits as the workload's view of them (gVisor sizes its reported memory from
+    // them); the host enforces them through moat's cgroup (runsc --ignore-cgroups).
+    let period = 100_000u64;
+    let resources = oci::LinuxResourcesBuilder::default()
+        .memory(
+            oci::LinuxMemoryBuilder::default()
+                .limit(l.memory as i64)
+                .build()
+                .map_err(|e| RunError::Setup(format!("OCI memory: {e}")))?,
+        )
+        .pids(
+            oci::LinuxPidsBuilder::default()
+                .limit(l.pids as i64)
+                .build()
+                .map_err(|e| RunError::Setup(format!("OCI pids: {e}")))?,
+        )
+        .cpu(
+            oci::LinuxCpuBuilder::default()
+                .period(period)
+                .quota(((l.cpus * period as f64) as i64).max(1000))
+                .build()
+                .map_err(|e| RunError::Setup(format!("OCI cpu: {e}")))?,
+        )
+        .build()
+        .map_err(|e| RunError::Setup(format!("OCI resources: {e}")))?;
+    let linux = oci::LinuxBuilder::default()
+        .namespaces(namespaces)
+        .resources(resources)
+        .build()
+        .map_err(|e| RunError::Setup(format!("OCI linux: {e}")))?;
+    oci::SpecBuilder::default()
+        .version("1.0.2")
+        .process(process)
+        .root(root)
+        .hostname(policy.process.hostname.clone())
+        .mounts(mounts)
+        .linux(linux)
+        .build()
+        .map_err(|e| RunError::Setup(format!("OCI spec: {e}")))
+}
+
+// ---------------------------------------------------------------------------------------
+// Inside: the agent as PID 1 of the gVisor sandbox.
+
+/// Signals the agent handles (as the native tier's init).
+const AGENT_SIGNALS: [libc::c_int; 8] = [
+    libc::SIGCHLD,
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGWINCH,
+];
+
+fn report(line: &str) {
+    let mut l = line.replace('\n', " ");
+    l.push('\n');
+    let _ = sys::write_all(1, l.as_bytes());
+}
+
+/// The agent of a gvisor sandbox: what `moat __moat-gvisor-agent` runs, as PID 1 inside
+/// gVisor (moat starts it; run by hand it refuses). Reports `ready` or `error ...` on its
+/// stdout, then serves the agent protocol forever.
+pub fn agent_main() -> ! {
+    match agent_setup() {
+        Ok((listener, sigfd, env, seccomp_err)) => {
+            match seccomp_err {
+                None => report("ready seccomp"),
+                Some(e) => report(&format!("ready noseccomp {e}")),
+            }
+            if let Ok(null) = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+            {
+                for fd in 0..3 {
+                    let _ = sys::dup2(null.as_raw_fd(), fd);
+                }
+            }
+            crate::agent::serve(listener, sigfd, env)
+        }
+        Err(e) => {
+            report(&format!("error {e}"));
+            sys::exit_now(125)
+        }
+    }
+}
+
+/// The agent's real and saved uid inside gVisor: one no workload runs as (65533, or 65532
+/// when the workload is 65533).
+pub fn agent_real_uid(workload_uid: u32) -> u32 {
+    if workload_uid == 65533 {
+        65532
+    } else {
+        65533
+    }
+}
+
+type AgentParts = (OwnedFd, OwnedFd, ExecEnv<'static>, Option<String>);
+
+fn agent_setup() -> Result<AgentParts, String> {
+    if std::process::id() != 1 || !Path::new(CTL_IN).join(POLICY_FILE).is_file() {
+        return Err(format!(
+            "`{AGENT_ARG}` is the gvisor tier's agent: moat starts it as PID 1 of a gVisor \
+             sandbox; it is not for running by hand"
+        ));
+    }
+    let ctx = |what: &'static str| move |e: io::Error| format!("{what}: {e}");
+    let _ = sys::setsid();
+    let policy_path = Path::new(CTL_IN).join(POLICY_FILE);
+    let meta = fs::metadata(&policy_path).map_err(ctx("read the policy"))?;
+    if meta.len() > POLICY_MAX {
+        return Err("the policy file is too large".into());
+    }
+    let text = fs::read(&policy_path).map_err(ctx("read the policy"))?;
+    let policy: Policy =
+        serde_json::from_slice(&text).map_err(|e| format!("parse the policy: {e}"))?;
+    policy.validate().map_err(|e| e.to_string())?;
+    let policy: &'static Policy = Box::leak(Box::new(policy));
+
+    // The socket: a real host socket made by the gofer (--host-uds=create), 0600 from the
+    // umask (gVisor refuses chmod on it).
+    let sock = Path::new(CTL_IN).join(SOCKET_FILE);
+    let _ = fs::remove_file(&sock);
+    let old = moat_sys::fs::umask(0o177);
+    let listener = UnixListener::bind(&sock).map_err(ctx("listen on the agent socket"));
+    moat_sys::fs::umask(old);
+    let listener = listener?;
+    listener
+        .set_nonblocking(true)
+        .map_err(ctx("listen on the agent socket"))?;
+    // The control directory stays mounted (detaching it would disconnect the gofer's host
+    // socket from the listener); it is root's and 0700, so once the agent is the sandbox
+    // user neither it nor the workload can enter it.
+    moat_sys::fs::umask(0o022);
+
+    sys::block_signals(&AGENT_SIGNALS).map_err(ctx("block signals"))?;
+    let sigfd = sys::signalfd(&AGENT_SIGNALS).map_err(ctx("signalfd"))?;
+
+    // Become the sandbox user, as the native tier's agent does: no capabilities (bounding set
+    // emptied first), no new privileges, not dumpable, the seccomp filter. gVisor does not
+    // shield PID 1 from its own namespace's signals as Linux does, so the agent keeps a real
+    // and saved uid of its own ([`agent_real_uid`]): it acts on files as the sandbox user,
+    // and the workload cannot kill or stop it.
+    moat_sys::caps::drop_bounding_and_ambient().map_err(ctx("drop the bounding set"))?;
+    moat_sys::caps::clear_ambient().map_err(ctx("clear ambient capabilities"))?;
+    let (uid, gid) = (policy.process.uid, policy.process.gid);
+    sys::set_ids_apart(agent_real_uid(uid), uid, gid).map_err(ctx("set uid/gid"))?;
+    moat_sys::caps::clear_all().map_err(ctx("clear capabilities"))?;
+    sys::set_no_new_privs().map_err(ctx("no_new_privs"))?;
+    sys::set_not_dumpable().map_err(ctx("not dumpable"))?;
+    let prog = crate::seccomp_prog::DEFAULT_PROGRAM;
+    let seccomp_err = moat_sys::seccomp::install(prog)
+        .err()
+        .map(|e| e.to_string());
+    let env = ExecEnv {
+        policy,
+        landlock_abi: 0,
+        prog,
+        ruleset: None,
+        // The agent runs under the filter and its processes inherit it (or, when gVisor
+        // refused it, no process can install it either: the layers say so).
+        seccomp_inherited: true,
+    };
+    Ok((OwnedFd::from(listener), sigfd, env, seccomp_err))
+}
+
+// ---------------------------------------------------------------------------------------
+// `moat doctor`.
+
+/// What `moat doctor` says about gVisor here.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunscProbe {
+    /// The runsc binary, when installed.
+    pub path: Option<PathBuf>,
+    /// `runsc --version`'s first line.
+    pub version: Option<String>,
+    /// Each platform tried: (name, Ok(ms to run `true`) or why not).
+    pub platforms: Vec<(String, Result<u64, String>)>,
+}
+
+/// The platforms a runsc build offers, from `runsc flags` (ptrace and kvm in older builds,
+/// systrap too in newer ones).
+fn platforms_of(runsc: &Path) -> Vec<String> {
+    let flags = std::process::Command::new(runsc)
+        .arg("flags")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+        })
+        .unwrap_or_default();
+    let line = flags
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("-platform "))
+        .nth(1)
+        .unwrap_or("")
+        .to_string();
+    let mut v: Vec<String> = ["systrap", "ptrace", "kvm"]
+        .iter()
+        .filter(|p| line.contains(*p))
+        .map(|p| p.to_string())
+        .collect();
+    if v.is_empty() {
+        v = vec!["ptrace".into(), "kvm".into()];
+    }
+    v
+}
+
+/// Tries each platform of this runsc: `runsc --network=none --platform=P do true`, killed
+/// (with everything it started) after [`PROBE_TIMEOUT`].
+pub fn probe() -> RunscProbe {
+    let Some(runsc) = find_runsc() else {
+        return RunscProbe {
+            path: None,
+            version: None,
+            platforms: Vec::new(),
+        };
+    };
+    let version = std::process::Command::new(&runsc)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        });
+    let mut platforms = Vec::new();
+    if sys::effective_uid() != 0 {
+        for p in platforms_of(&runsc) {
+            platforms.push((p, Err("not tried: runsc needs root here".to_string())));
+        }
+    } else {
+        for p in platforms_of(&runsc) {
+            let r = try_platform(&runsc, &p);
+            platforms.push((p, r));
+        }
+    }
+    RunscProbe {
+        path: Some(runsc),
+        version,
+        platforms,
+    }
+}
+
+fn try_platform(runsc: &Path, platform: &str) -> Result<u64, String> {
+    let base = base_dir();
+    if fs::create_dir_all(&base).is_err() {
+        return Err(format!("cannot create {}", base.display()));
+    }
+    let root = base.join(format!("moat-gprobe-{}-{platform}", std::process::id()));
+    let _ = fs::remove_dir_all(&root);
+    fs::create_dir(&root).map_err(|e| format!("create {}: {e}", root.display()))?;
+    let state = GvisorState {
+        id: String::new(),
+        dir: root.clone(),
+        runsc: runsc.to_path_buf(),
+        socket: PathBuf::new(),
+    };
+    let _ = fs::create_dir(state.state_root());
+    let t = Instant::now();
+    let child = std::process::Command::new(runsc)
+        .arg(format!("--root={}", state.state_root().display()))
+        .arg("--network=none")
+        .arg(format!("--platform={platform}"))
+        .args(["do", "true"])
+        .current_dir(&root)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&root);
+            return Err(format!("cannot run {}: {e}", runsc.display()));
+        }
+    };
+    let result = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                break if st.success() {
+                    Ok(t.elapsed().as_millis() as u64)
+                } else {
+                    let last = err.lines().last().unwrap_or("").trim().to_string();
+                    Err(format!(
+                        "`runsc --platform={platform} do true` failed: {last}"
+                    ))
+                };
+            }
+            Ok(None) if t.elapsed() < PROBE_TIMEOUT => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break Err(format!(
+                    "`runsc --platform={platform} do true` did not finish within {} s (on a \
+                     nested or restricted KVM it hangs)",
+                    PROBE_TIMEOUT.as_secs()
+                ));
+            }
+            Err(e) => break Err(format!("wait for runsc: {e}")),
+        }
+    };
+    for (pid, _) in runsc_procs(&state) {
+        let _ = sys::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    let _ = fs::remove_dir_all(&root);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_policy_round_trips_through_the_agents_file() {
+        let text = r#"
+            env = { A = "b" }
+            tier = "gvisor"
+            [limits]
+            memory = "100M"
+            pids = 77
+            timeout = "1500ms"
+            [fs]
+            workdir = "/w"
+            [[fs.mount]]
+            src = "/usr/share"
+            dst = "/data"
+            rw = true
+            [network]
+            mode = "allowlist"
+            allow = ["example.com:443"]
+            secrets = { K = ["example.com"] }
+            [security]
+            allow_missing = ["landlock"]
+        "#;
+        let p = Policy::from_toml(text).unwrap();
+        let json = serde_json::to_vec(&PolicyOut(&p)).unwrap();
+        let back: Policy = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back, p);
+        let d = Policy::default();
+        let back: Policy =
+            serde_json::from_slice(&serde_json::to_vec(&PolicyOut(&d)).unwrap()).unwrap();
+        assert_eq!(back, d);
+    }
+
+    #[test]
+    fn the_spec_has_the_policys_mounts_and_user() {
+        let dir = std::env::temp_dir().join(format!("moat-gvisor-spec-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("ctl")).unwrap();
+        let mut p = Policy::default();
+        p.fs.mounts.push(moat_policy::Mount {
+            src: "/usr/share".into(),
+            dst: "/data".into(),
+            rw: false,
+        });
+        let spec = build_spec(
+            &p,
+            &dir.join("bundle"),
+            &dir.join("ctl"),
+            Path::new("/bin/true"),
+        )
+        .unwrap();
+        let v = serde_json::to_value(&spec).unwrap();
+        assert_eq!(v["process"]["args"][1], AGENT_ARG);
+        assert_eq!(v["process"]["noNewPrivileges"], true);
+        assert_eq!(v["root"]["readonly"], true);
+        let mounts = v["mounts"].as_array().unwrap();
+        let find = |d: &str| mounts.iter().find(|m| m["destination"] == d).cloned();
+        assert!(find("/data").unwrap()["options"]
+            .as_array()
+            .unwrap()
+            .contains(&"ro".into()));
+        assert!(find("/work").unwrap()["options"]
+            .as_array()
+            .unwrap()
+            .contains(&"uid=1000".into()));
+        assert_eq!(find(AGENT_IN).unwrap()["source"], "/bin/true");
+        let etc = fs::read_to_string(dir.join("bundle/etc/passwd")).unwrap();
+        assert!(etc.contains("user:x:1000:1000"));
+        assert!(dir.join("bundle/rootfs/data").is_dir());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn host_limits_have_headroom() {
+        let p = Policy::default();
+        let l = host_limits(&p);
+        assert_eq!(l.memory, p.limits.memory + MEMORY_HEADROOM);
+        assert_eq!(l.pids, (p.limits.pids + PIDS_HEADROOM) * PIDS_PER_TASK);
+    }
+}
