@@ -339,21 +339,19 @@ impl App {
         }
     }
 
-    /// After a restart: a sandbox without secrets gets its egress back from its policy
-    /// alone. One with secrets does not (their values live only in the daemon that created
-    /// it): its proxied connections are refused until it is recreated.
+    /// Where a sandbox's secrets and CA are kept across restarts (root-only, outside the
+    /// sandbox directory, which a tier may bind into the sandbox).
+    fn egress_file(&self, id: &str) -> PathBuf {
+        self.cfg.state_dir.join("egress").join(format!("{id}.json"))
+    }
+
+    /// After a restart: the sandbox's egress from its policy, with the secrets and CA that
+    /// were saved at its creation.
     fn reattach_egress(self: &Arc<Self>, sbx: &Arc<Sandbox>) {
-        if sbx.policy.network.mode != moat_policy::NetworkMode::Allowlist {
-            return;
-        }
-        let mut policy = sbx.policy.clone();
-        let secrets = std::mem::take(&mut policy.network.secrets);
-        if !secrets.is_empty() {
-            // Without the values, the bound hosts are denied outright.
-            policy.network.deny.extend(secrets.into_values().flatten());
-        }
-        if let Ok(Some(p)) = crate::egress::prepare(&sbx.id, &policy, &BTreeMap::new()) {
-            self.start_egress(sbx, p.cfg);
+        match crate::egress::restore(&sbx.id, &sbx.policy, &self.egress_file(&sbx.id)) {
+            Ok(Some(cfg)) => self.start_egress(sbx, cfg),
+            Ok(None) => {}
+            Err(e) => eprintln!("moat: sandbox {}: cannot restore its egress: {e}", sbx.id),
         }
     }
 
@@ -490,6 +488,9 @@ impl App {
             egress: Mutex::new(None),
         });
         if let Some(e) = egress {
+            if let Err(err) = crate::egress::save(&self.egress_file(&id), &e.cfg) {
+                eprintln!("moat: sandbox {id}: its secrets will not survive a restart: {err}");
+            }
             self.start_egress(&sbx, e.cfg);
         }
         if let Ok(mut map) = self.sandboxes.write() {
@@ -527,12 +528,14 @@ impl App {
         }
         let runtime = sbx.runtime.clone();
         let dir = self.sandbox_dir(&sbx.id);
+        let egress_file = self.egress_file(&sbx.id);
         let cleaner = self.cleaner.clone();
         tokio::task::spawn_blocking(move || {
             // Synchronously: init is dead (and with it, by the kernel, everything in its pid
             // namespace) and its socket gone before the call is answered.
             kill_init(&runtime);
             let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_file(&egress_file);
             // Off the request path: the cgroup, which the kernel releases only once every
             // task has exited (a stale one is also swept by the next sandbox's start).
             cleaner.remove(runtime);
@@ -739,6 +742,7 @@ impl App {
                         let _ = tokio::task::spawn_blocking(move || kill_runtime(&rt)).await;
                     }
                     let _ = std::fs::remove_dir_all(self.sandbox_dir(&rec.id));
+                    let _ = std::fs::remove_file(self.egress_file(&rec.id));
                     let id = rec.id.clone();
                     let _ = db(self, move |s| s.delete_sandbox(&id)).await;
                     let kind = if reason == "expired" {

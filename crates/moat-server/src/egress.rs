@@ -161,3 +161,105 @@ pub fn start(
         .collect();
     Pump { proxy: sp, tasks }
 }
+
+/// What a daemon keeps of a sandbox's secrets across a restart (root-only, outside every
+/// sandbox): the values, their placeholders (already in the sandbox's environment) and the
+/// CA (already in its trust store).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Saved {
+    secrets: Vec<SavedSecret>,
+    ca: moat_tls::CaState,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedSecret {
+    name: String,
+    placeholder: String,
+    value: String,
+    hosts: Vec<String>,
+}
+
+/// Saves `cfg`'s secrets and CA to `path` (mode 0600, its directory 0700), if it has any.
+pub fn save(path: &std::path::Path, cfg: &SandboxEgress) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let Some(ca) = &cfg.ca else {
+        return Ok(());
+    };
+    let saved = Saved {
+        secrets: cfg
+            .secrets
+            .iter()
+            .map(|s| SavedSecret {
+                name: s.name.clone(),
+                placeholder: s.placeholder.clone(),
+                value: s.value.clone(),
+                hosts: s.hosts.clone(),
+            })
+            .collect(),
+        ca: ca.export(),
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("create {}: {e}", dir.display()))?;
+    }
+    let body = serde_json::to_vec(&saved).map_err(|e| e.to_string())?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("write {}: {e}", path.display()))?;
+    f.write_all(&body)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+/// The egress of a sandbox after a daemon restart: its policy's rules, and the secrets and
+/// CA [`save`] kept at `path`. Without that file, the hosts the secrets are bound to are
+/// denied (their requests would otherwise leave with placeholders).
+pub fn restore(
+    sandbox: &str,
+    policy: &Policy,
+    path: &std::path::Path,
+) -> Result<Option<SandboxEgress>, String> {
+    if policy.network.mode != NetworkMode::Allowlist {
+        return Ok(None);
+    }
+    let mut p = policy.clone();
+    let bound = std::mem::take(&mut p.network.secrets);
+    let saved: Option<Saved> = if bound.is_empty() {
+        None
+    } else {
+        std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    };
+    if saved.is_none() {
+        p.network.deny.extend(bound.into_values().flatten());
+    }
+    let Some(mut prepared) = prepare(sandbox, &p, &BTreeMap::new())? else {
+        return Ok(None);
+    };
+    if let Some(saved) = saved {
+        let ca = moat_tls::SandboxCa::restore(&saved.ca).map_err(|e| e.to_string())?;
+        prepared.cfg.ca = Some(Arc::new(ca));
+        prepared.cfg.secrets = saved
+            .secrets
+            .into_iter()
+            .map(|s| Secret {
+                name: s.name,
+                placeholder: s.placeholder,
+                value: s.value,
+                hosts: s.hosts,
+            })
+            .collect();
+    }
+    Ok(Some(prepared.cfg))
+}

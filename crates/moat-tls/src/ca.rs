@@ -26,7 +26,11 @@ pub(crate) const LEAF_CACHE: usize = 256;
 pub struct SandboxCa {
     label: String,
     cert_pem: String,
+    /// The key, PEM, for [`SandboxCa::export`] only (the daemon keeps it across restarts).
+    key_pem: String,
+    not_before: OffsetDateTime,
     not_after: OffsetDateTime,
+    serial: Vec<u8>,
     issuer: Issuer<'static, KeyPair>,
     leaves: Mutex<LeafCache>,
 }
@@ -67,14 +71,61 @@ impl SandboxCa {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
         params.not_after = now + VALIDITY;
-        params.serial_number = Some(random_serial()?);
+        let serial = random_serial()?;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let cert = params
             .self_signed(&key)
             .map_err(|e| ca_err("signing the CA certificate", e))?;
         Ok(SandboxCa {
             label: label.to_string(),
             cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            not_before: params.not_before,
             not_after: params.not_after,
+            serial,
+            issuer: Issuer::new(params, key),
+            leaves: Mutex::new(LeafCache::default()),
+        })
+    }
+
+    /// Everything needed to bring this CA back in another process ([`SandboxCa::restore`]):
+    /// the daemon stores it (root-only) so that a sandbox keeps its CA across a restart.
+    /// Holds the private key: never show it, never put it where a sandbox can read.
+    pub fn export(&self) -> CaState {
+        CaState {
+            label: self.label.clone(),
+            cert_pem: self.cert_pem.clone(),
+            key_pem: self.key_pem.clone(),
+            not_before: self.not_before.unix_timestamp(),
+            not_after: self.not_after.unix_timestamp(),
+            serial: self.serial.clone(),
+        }
+    }
+
+    /// The CA [`SandboxCa::export`] saved: the same certificate (which the sandbox trusts),
+    /// key, name and validity, so the leaves it signs chain to the trusted certificate.
+    pub fn restore(st: &CaState) -> Result<SandboxCa, TlsError> {
+        let key = KeyPair::from_pem(&st.key_pem).map_err(|e| ca_err("the saved CA key", e))?;
+        let at = |t: i64| {
+            OffsetDateTime::from_unix_timestamp(t).map_err(|e| ca_err("the saved CA validity", e))
+        };
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("moat sandbox CA {}", st.label));
+        dn.push(DnType::OrganizationName, "moat");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = at(st.not_before)?;
+        params.not_after = at(st.not_after)?;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&st.serial));
+        Ok(SandboxCa {
+            label: st.label.clone(),
+            cert_pem: st.cert_pem.clone(),
+            key_pem: st.key_pem.clone(),
+            not_before: params.not_before,
+            not_after: params.not_after,
+            serial: st.serial.clone(),
             issuer: Issuer::new(params, key),
             leaves: Mutex::new(LeafCache::default()),
         })
@@ -149,7 +200,7 @@ impl SandboxCa {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
         params.not_after = self.not_after.min(now + VALIDITY);
-        params.serial_number = Some(random_serial()?);
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&random_serial()?));
         let cert = params
             .signed_by(&key, &self.issuer)
             .map_err(|e| ca_err(&format!("signing the leaf for {host}"), e))?;
@@ -161,7 +212,27 @@ impl SandboxCa {
     }
 }
 
-fn random_serial() -> Result<rcgen::SerialNumber, TlsError> {
+/// A saved [`SandboxCa`] (see [`SandboxCa::export`]). Its `Debug` shows no key.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaState {
+    pub label: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub serial: Vec<u8>,
+}
+
+impl std::fmt::Debug for CaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaState")
+            .field("label", &self.label)
+            .finish_non_exhaustive()
+    }
+}
+
+fn random_serial() -> Result<Vec<u8>, TlsError> {
     use rustls::crypto::ring::default_provider;
     let mut bytes = [0u8; 16];
     default_provider()
@@ -170,7 +241,7 @@ fn random_serial() -> Result<rcgen::SerialNumber, TlsError> {
         .map_err(|e| ca_err("random serial number", format!("{e:?}")))?;
     bytes[0] &= 0x7f; // positive
     bytes[0] |= 0x01; // and exactly 16 bytes long
-    Ok(rcgen::SerialNumber::from_slice(&bytes))
+    Ok(bytes.to_vec())
 }
 
 #[cfg(test)]
@@ -189,6 +260,53 @@ mod tests {
         let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
         assert!(!pem.replace('\n', "").contains(&body));
         assert!(!format!("{ca:?}").contains(&body));
+    }
+
+    #[test]
+    fn an_exported_ca_comes_back_and_its_leaves_chain_to_the_original_certificate() {
+        use rustls::client::danger::ServerCertVerifier;
+        let ca = SandboxCa::generate("t2").expect("ca");
+        let st = ca.export();
+        assert!(!format!("{st:?}").contains("PRIVATE"));
+        let json = serde_json::to_string(&st).expect("json");
+        let back =
+            SandboxCa::restore(&serde_json::from_str(&json).expect("parse")).expect("restore");
+        assert_eq!(back.cert_pem(), ca.cert_pem());
+        let mut roots = rustls::RootCertStore::empty();
+        let der = rustls_pki_types::pem::PemObject::from_pem_slice(ca.cert_pem().as_bytes())
+            .expect("pem");
+        roots.add(der).expect("root");
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .expect("verifier");
+        let leaf = back.leaf("api.example.test").expect("leaf");
+        let name = rustls_pki_types::ServerName::try_from("api.example.test").expect("name");
+        verifier
+            .verify_server_cert(
+                &leaf.cert[0],
+                &[],
+                &name,
+                &[],
+                rustls_pki_types::UnixTime::now(),
+            )
+            .expect("a restored CA's leaf chains to the certificate the sandbox trusts");
+        let other = SandboxCa::generate("t2").expect("ca");
+        let leaf = other.leaf("api.example.test").expect("leaf");
+        assert!(verifier
+            .verify_server_cert(
+                &leaf.cert[0],
+                &[],
+                &name,
+                &[],
+                rustls_pki_types::UnixTime::now()
+            )
+            .is_err());
+        let mut bad = st.clone();
+        bad.key_pem = "nope".into();
+        assert!(SandboxCa::restore(&bad).is_err());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-pub use ca::SandboxCa;
+pub use ca::{CaState, SandboxCa};
 
 use http::{answer, Counters, Pump, PumpError};
 

@@ -893,3 +893,55 @@ fn a_bad_network_request_is_a_clear_error() {
     }
     let _ = Status::Ok;
 }
+
+#[test]
+fn egress_and_its_secrets_survive_a_daemon_restart() {
+    if !ready() {
+        return;
+    }
+    let certs = Certs::new();
+    let sec = Upstream::start("127.0.0.3", "sec", &certs);
+    let op = operator(&certs);
+    let op: Vec<&str> = op.iter().map(String::as_str).collect();
+    let mut d = Daemon::start_with(&op);
+    let id = d.create(json!({
+        "policy": {"network": {"mode": "allowlist", "allow": ["sec.test"],
+                               "secrets": {"TOKEN": ["sec.test"]}}},
+        "secrets": {"TOKEN": "restart-value-77"},
+    }));
+    let s = sec.https;
+    let call = format!("curl -sS -H \"X-T: $TOKEN\" https://sec.test:{s}/n");
+    let before = d.sh(&id, &call.replace("/n", "/before"));
+    assert!(
+        before["stdout"]
+            .as_str()
+            .unwrap()
+            .contains("hello from sec-https /before"),
+        "{before}"
+    );
+    // The saved secrets are root-only and outside the sandbox's directory.
+    let saved = d.state.join("egress").join(format!("{id}.json"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&saved).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    d.kill9();
+    d.restart();
+    let after = d.sh(&id, &call.replace("/n", "/after"));
+    assert!(
+        after["stdout"]
+            .as_str()
+            .unwrap()
+            .contains("hello from sec-https /after"),
+        "{after}"
+    );
+    let reqs = sec.requests();
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    for q in &reqs {
+        assert_eq!(q["headers"]["X-T"], "restart-value-77", "{q}");
+    }
+    let gone = d.api("DELETE", &format!("/v1/sandboxes/{id}"), None);
+    assert!(gone.status < 300, "{}", gone.text());
+    assert!(!saved.exists(), "the saved secrets outlived their sandbox");
+}
