@@ -230,6 +230,16 @@ pub fn spawn(req: &SpawnRequest) -> Result<Spawned, RunError> {
     policy
         .validate()
         .map_err(|e| RunError::Refused(e.to_string()))?;
+    if policy.fs.root.is_some() {
+        // The agent (moat's own binary) is started inside the sandbox, so it needs the
+        // host's /usr and /lib there: a root of the policy's own would lack them.
+        return Err(RunError::Refused(
+            "the gvisor tier does not take fs.root yet (moat's agent runs inside the \
+             sandbox and needs the host's /usr and /lib): leave fs.root unset, or use tier \
+             native"
+                .into(),
+        ));
+    }
     let runsc = check_host().map_err(RunError::Refused)?;
     if !sys::is_single_threaded() {
         return Err(RunError::Setup(
@@ -240,6 +250,7 @@ pub fn spawn(req: &SpawnRequest) -> Result<Spawned, RunError> {
     check_socket_path(&req.socket)?;
     let base = base_dir();
     mkdir(&base, 0o700)?;
+    sweep_stale(&base);
     let id = format!(
         "moat-g{:x}-{:x}",
         std::process::id(),
@@ -384,6 +395,58 @@ pub fn spawn(req: &SpawnRequest) -> Result<Spawned, RunError> {
         layers,
         gvisor: Some(pending.state.clone()),
     })
+}
+
+/// How old a sandbox directory without a runsc process must be before a start removes it.
+const STALE_AFTER: Duration = Duration::from_secs(60);
+
+/// Removes what crashed starts and sandboxes that died without [`destroy`] left in `base`:
+/// sandbox directories older than [`STALE_AFTER`] that no runsc process names. At most every
+/// 10 s per process (a spawner starts many sandboxes).
+fn sweep_stale(base: &Path) {
+    use std::sync::Mutex;
+    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+    if let Ok(mut last) = LAST.lock() {
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+            return;
+        }
+        *last = Some(Instant::now());
+    }
+    let Ok(rd) = fs::read_dir(base) else {
+        return;
+    };
+    let old: Vec<PathBuf> = rd
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("moat-g"))
+        .filter(|e| {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > STALE_AFTER)
+        })
+        .map(|e| e.path())
+        .collect();
+    if old.is_empty() {
+        return;
+    }
+    let mut live = Vec::new();
+    if let Ok(rd) = fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            if let Ok(cmd) = fs::read(e.path().join("cmdline")) {
+                for a in cmd.split(|&b| b == 0) {
+                    if let Some(root) = a.strip_prefix(b"--root=") {
+                        live.push(PathBuf::from(String::from_utf8_lossy(root).into_owned()));
+                    }
+                }
+            }
+        }
+    }
+    for dir in old {
+        if !live.iter().any(|r| r.starts_with(&dir)) {
+            let _ = fs::remove_dir_all(&dir);
+        }
+    }
 }
 
 /// The policy as the agent reads it back: serialised from the fields moat_policy exposes
@@ -1013,18 +1076,41 @@ fn build_spec(
             rootfs_dir.clone()
         }
     };
+    if own_root {
+        mkdir(&nr("/sys"), 0o755)?;
+    }
     if policy.fs.sys {
-        if own_root {
-            mkdir(&nr("/sys"), 0o755)?;
-        }
         mounts.push(mount(
             "/sys",
             "sysfs",
             "sysfs",
             &["ro", "nosuid", "nodev", "noexec"],
         )?);
+    } else {
+        // runsc mounts its sysfs where the spec has no /sys: an empty read-only tmpfs
+        // instead, as the native tier has no /sys.
+        mounts.push(mount(
+            "/sys",
+            "tmpfs",
+            "tmpfs",
+            &["ro", "nosuid", "nodev", "noexec", "size=4k"],
+        )?);
     }
     let l = &policy.limits;
+    // gVisor's own /dev (null, zero, full, random, urandom, tty, ptmx, pts, fd links) has a
+    // /dev/shm only root may write: the sandbox gets its own, as in the native tier.
+    mounts.push(mount(
+        "/dev/shm",
+        "tmpfs",
+        "tmpfs",
+        &[
+            "nosuid",
+            "nodev",
+            "noexec",
+            "mode=1777",
+            &format!("size={}", l.tmp_size),
+        ],
+    )?);
     mounts.push(mount(
         "/tmp",
         "tmpfs",

@@ -507,6 +507,10 @@ fn the_workload_runs_under_gvisor_and_the_agent_serves_it() {
             "1000\n1000\n/work\n/work\nsandbox\nCapEff:\t0000000000000000\n3\nno-ctl\n",
             "{o:?}"
         );
+        // No /sys (an empty one), a writable /dev/shm and gVisor's minimal /dev.
+        let o = c
+            .sh("ls -A /sys | wc -l; touch /dev/shm/x && echo shm; test -c /dev/null && echo null");
+        assert_eq!(o.out(), "0\nshm\nnull\n", "{o:?}");
         // Read-only root, host directories and agent binary; writable /tmp and /work.
         let o = c.sh(
             "touch /x 2>/dev/null || echo root-ro; touch /usr/x 2>/dev/null || echo usr-ro; \
@@ -735,7 +739,8 @@ fn old_registry_rows_parse_as_native() {
     assert!(!serde_json::to_string(&s).unwrap().contains("gvisor"));
 }
 
-/// Where runsc is missing, a gvisor spawn is refused with what to install.
+/// Where runsc is missing, a gvisor spawn is refused with what to install; a policy the tier
+/// cannot run (its own root) is refused with why.
 #[test]
 fn a_host_without_runsc_refuses_the_tier_saying_what_to_install() {
     if !is_root() {
@@ -752,6 +757,14 @@ fn a_host_without_runsc_refuses_the_tier_saying_what_to_install() {
         .unwrap_err();
     assert!(e.contains("apt-get install runsc"), "{e}");
     assert!(!dir.join("agent.sock").exists());
+    // A root of the policy's own is refused too, saying why.
+    let e = spawner
+        .spawn(
+            &serde_json::json!({"tier": "gvisor", "fs": {"root": "/srv"}}),
+            &dir.join("agent.sock"),
+        )
+        .unwrap_err();
+    assert!(e.contains("fs.root"), "{e}");
     child.kill().unwrap();
     child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
@@ -1005,5 +1018,35 @@ fn pty_exec_and_resize_in_gvisor() {
         assert_eq!(o.error(), ErrorCode::InvalidRequest);
         c.cancel(s);
         c.finish(s);
+    });
+}
+
+/// The policy's mounts: read-only ones cannot be written, read-write ones can, and what the
+/// workload writes there is the sandbox user's on the host too.
+#[test]
+fn policy_mounts_are_bound_read_only_or_read_write() {
+    fenced(60, || {
+        let host = test_dir();
+        let (ro, rw) = (host.join("ro"), host.join("rw"));
+        std::fs::create_dir_all(&ro).unwrap();
+        std::fs::create_dir_all(&rw).unwrap();
+        std::fs::write(ro.join("given"), "from the host").unwrap();
+        std::fs::set_permissions(&rw, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let sb = Sandbox::start_with(serde_json::json!({"fs": {"mount": [
+            {"src": ro.display().to_string(), "dst": "/in"},
+            {"src": rw.display().to_string(), "dst": "/out", "rw": true},
+        ]}}));
+        let mut c = sb.connect();
+        let o = c.sh(
+            "cat /in/given; echo; touch /in/x 2>/dev/null || echo ro; echo made > /out/f && echo rw",
+        );
+        assert_eq!(o.out(), "from the host\nro\nrw\n", "{o:?}");
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(rw.join("f")).unwrap();
+        assert_eq!((m.uid(), m.gid()), (1000, 1000));
+        assert_eq!(std::fs::read_to_string(rw.join("f")).unwrap(), "made\n");
+        drop(c);
+        drop(sb);
+        let _ = std::fs::remove_dir_all(&host);
     });
 }
