@@ -22,7 +22,7 @@ const ROUTES: &[Route] = &[
     ("post", "/v1/sandboxes/{id}/pause", "Freeze every process of the sandbox", None, 200, "Sandbox"),
     ("post", "/v1/sandboxes/{id}/resume", "Thaw a paused sandbox", None, 200, "Sandbox"),
     ("get", "/v1/sandboxes/{id}/metrics", "CPU, memory, pids and disk of the sandbox", None, 200, "Metrics"),
-    ("get", "/v1/sandboxes/{id}/events", "The sandbox's audit events (?since=&limit=&follow=1 for server-sent events)", None, 200, "EventList"),
+    ("get", "/v1/sandboxes/{id}/events", "The sandbox's audit events (?since=&limit=&kind=egress,exec_finished&follow=1 for server-sent events)", None, 200, "EventList"),
     ("post", "/v1/sandboxes/{id}/exec", "Run a command and wait (Accept: application/x-ndjson streams start/stdout/stderr/exit events)", Some("Exec"), 200, "ExecResult"),
     ("get", "/v1/sandboxes/{id}/exec/ws", "Interactive command over a WebSocket (pty, stdin, resize, signals)", None, 101, ""),
     ("post", "/v1/sandboxes/{id}/processes", "Start a background process", Some("Process"), 201, "ProcessInfo"),
@@ -37,7 +37,7 @@ const ROUTES: &[Route] = &[
     ("get", "/v1/sandboxes/{id}/files/stat", "Stat a path, not following a final symlink (?path=)", None, 200, "Entry"),
     ("post", "/v1/sandboxes/{id}/files/mkdir", "Make a directory", Some("Mkdir"), 200, "Empty"),
     ("post", "/v1/sandboxes/{id}/files/move", "Rename a file or directory", Some("Move"), 200, "Empty"),
-    ("get", "/v1/events", "Audit events your key may see (?since=&limit=&follow=1)", None, 200, "EventList"),
+    ("get", "/v1/events", "Audit events your key may see (?since=&limit=&kind=&follow=1)", None, 200, "EventList"),
     ("post", "/v1/tokens", "Issue a short-lived token for one sandbox and some scopes", Some("CreateToken"), 201, "Token"),
     ("get", "/v1/health", "Liveness (no authentication)", None, 200, "Health"),
     ("get", "/v1/openapi.json", "This document", None, 200, ""),
@@ -54,7 +54,7 @@ fn schemas() -> Value {
     let map = json!({"type": "object", "additionalProperties": {"type": "string"}});
     json!({
         "Error": obj(json!({"error": obj(json!({"code": {"type": "string"}, "message": {"type": "string"}}), &["code", "message"])}), &["error"]),
-        "CreateSandbox": obj(json!({"policy": {"type": "object", "description": "the TOML policy's fields as JSON"}, "env": map, "metadata": map, "timeout_s": {"type": "integer", "minimum": 1}, "tier": {"type": "string", "enum": ["native"]}}), &[]),
+        "CreateSandbox": obj(json!({"policy": {"type": "object", "description": "the TOML policy's fields as JSON"}, "env": map, "metadata": map, "timeout_s": {"type": "integer", "minimum": 1}, "tier": {"type": "string", "enum": ["native", "gvisor"]}, "secrets": {"type": "object", "additionalProperties": {"type": "string"}, "description": "values of the secrets the policy binds to hosts (network.secrets); the sandbox sees placeholders"}}), &[]),
         "Sandbox": obj(json!({"id": {"type": "string"}, "state": {"type": "string", "enum": ["creating", "running", "paused", "stopping", "stopped", "failed"]}, "tier": {"type": "string"}, "created_at": {"type": "integer", "description": "ms since the epoch"}, "expires_at": {"type": "integer"}, "metadata": map, "error": {"type": ["string", "null"]}, "sandbox": {"type": "object"}}), &["id", "state", "tier", "created_at", "expires_at", "metadata"]),
         "SandboxList": obj(json!({"sandboxes": {"type": "array", "items": {"$ref": "#/components/schemas/Sandbox"}}}), &["sandboxes"]),
         "Timeout": obj(json!({"timeout_s": {"type": "integer", "minimum": 1}}), &["timeout_s"]),

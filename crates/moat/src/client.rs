@@ -140,9 +140,20 @@ pub struct CreateArgs {
     /// CPU quota in cores, e.g. 0.5.
     #[arg(long)]
     pub cpus: Option<f64>,
-    /// Isolation tier. Only `native` is available in this build.
+    /// Isolation tier: `native` (default) or `gvisor` (see `moat doctor`).
     #[arg(long)]
     pub tier: Option<String>,
+    /// Network: `none` (default) or `allow:HOST,...` through moat's egress proxy (as for
+    /// `moat run`).
+    #[arg(long, value_name = "none|allow:HOST,...")]
+    pub net: Option<String>,
+    /// Deny rules that win over the allowlist. Repeatable.
+    #[arg(long, value_name = "HOST")]
+    pub net_deny: Vec<String>,
+    /// Bind a secret to hosts, `NAME=HOST,...`: its value is read from this command's own
+    /// environment ($NAME) and sent to the daemon; the sandbox sees a placeholder. Repeatable.
+    #[arg(long, value_name = "NAME=HOST,...")]
+    pub secret: Vec<String>,
     /// Print the API's JSON.
     #[arg(long)]
     pub json: bool,
@@ -639,6 +650,61 @@ pub fn create_body(a: &CreateArgs, policy_toml: Option<&str>) -> Result<Value> {
     if let Some(c) = a.cpus {
         limits(&mut policy)?.insert("cpus".into(), json!(c));
     }
+    let mut secret_values = Map::new();
+    if a.net.is_some() || !a.net_deny.is_empty() || !a.secret.is_empty() {
+        let net = policy
+            .as_object_mut()
+            .map(|p| p.entry("network").or_insert_with(|| json!({})))
+            .and_then(Value::as_object_mut)
+            .ok_or_else(|| Error::Msg("policy: network must be a table".into()))?;
+        match a.net.as_deref() {
+            None => {}
+            Some("none") => {
+                net.insert("mode".into(), json!("none"));
+            }
+            Some(n) => {
+                let list = n.strip_prefix("allow:").ok_or_else(|| {
+                    Error::Msg(format!("--net {n}: write `none` or `allow:HOST,HOST,...`"))
+                })?;
+                net.insert("mode".into(), json!("allowlist"));
+                let allow = net.entry("allow").or_insert_with(|| json!([]));
+                if let Some(v) = allow.as_array_mut() {
+                    v.extend(list.split(',').filter(|h| !h.is_empty()).map(|h| json!(h)));
+                }
+            }
+        }
+        if !a.net_deny.is_empty() {
+            let deny = net.entry("deny").or_insert_with(|| json!([]));
+            if let Some(v) = deny.as_array_mut() {
+                v.extend(a.net_deny.iter().map(|h| json!(h)));
+            }
+        }
+        for sp in &a.secret {
+            let (name, hosts) = sp.split_once('=').ok_or_else(|| {
+                Error::Msg(format!(
+                    "--secret {sp}: write NAME=HOST,... e.g. OPENAI_API_KEY=api.openai.com"
+                ))
+            })?;
+            let value = std::env::var(name)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| {
+                    Error::Msg(format!(
+                        "--secret {name}: set it in this command's environment (export {name}=...)"
+                    ))
+                })?;
+            let secrets = net.entry("secrets").or_insert_with(|| json!({}));
+            if let Some(m) = secrets.as_object_mut() {
+                let hosts: Vec<Value> = hosts
+                    .split(',')
+                    .filter(|h| !h.is_empty())
+                    .map(|h| json!(h))
+                    .collect();
+                m.insert(name.to_string(), Value::Array(hosts));
+            }
+            secret_values.insert(name.to_string(), Value::String(value));
+        }
+    }
     let has_policy = policy.as_object().is_some_and(|o| !o.is_empty());
     if has_policy {
         // Catch mistakes here, with the policy's own words, before the round trip.
@@ -649,6 +715,9 @@ pub fn create_body(a: &CreateArgs, policy_toml: Option<&str>) -> Result<Value> {
     let mut body = Map::new();
     if has_policy {
         body.insert("policy".into(), policy);
+    }
+    if !secret_values.is_empty() {
+        body.insert("secrets".into(), Value::Object(secret_values));
     }
     let mut env = Map::new();
     for kv in &a.env {
@@ -1057,6 +1126,51 @@ mod tests {
         assert_eq!(create_body(&create_args(&[]), None).unwrap(), json!({}));
         let b = create_body(&create_args(&["--timeout-s", "42"]), None).unwrap();
         assert_eq!(b, json!({"timeout_s": 42}));
+    }
+
+    #[test]
+    fn create_takes_network_rules_and_secrets_from_the_environment() {
+        // A variable name only this test uses: tests run in threads of one process.
+        std::env::set_var("MOAT_TEST_CREATE_SECRET", "v-123");
+        let a = create_args(&[
+            "--net",
+            "allow:pypi.org,*.pythonhosted.org",
+            "--net-deny",
+            "bad.pypi.org",
+            "--secret",
+            "MOAT_TEST_CREATE_SECRET=api.example.com",
+        ]);
+        let b = create_body(&a, None).unwrap();
+        assert_eq!(
+            b,
+            json!({
+                "policy": {"network": {"mode": "allowlist",
+                                       "allow": ["pypi.org", "*.pythonhosted.org"],
+                                       "deny": ["bad.pypi.org"],
+                                       "secrets": {"MOAT_TEST_CREATE_SECRET": ["api.example.com"]}}},
+                "secrets": {"MOAT_TEST_CREATE_SECRET": "v-123"},
+            })
+        );
+        let e = create_body(
+            &create_args(&[
+                "--net",
+                "allow:x.com",
+                "--secret",
+                "MOAT_TEST_UNSET_SECRET=x.com",
+            ]),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("export MOAT_TEST_UNSET_SECRET="), "{e}");
+        let e = create_body(&create_args(&["--net", "open"]), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("write `none` or `allow:"), "{e}");
+        let e = create_body(&create_args(&["--net", "allow:bad host"]), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("egress rule `bad host`"), "{e}");
     }
 
     #[test]

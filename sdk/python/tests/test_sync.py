@@ -64,6 +64,21 @@ def test_create_env_policy_and_explicit_args(server: Server) -> None:
         assert r.ok and r.stdout.startswith("hello\n")
 
 
+def test_secrets_reach_the_daemon_and_the_sandbox_sees_a_placeholder(server: Server) -> None:
+    policy = {"network": {"mode": "allowlist", "allow": ["api.example.com"],
+                          "secrets": {"API_KEY": ["api.example.com"]}}}
+    with Sandbox.create(policy=policy, secrets={"API_KEY": "sk-sdk-value"}) as s:
+        r = s.exec("echo $API_KEY; echo $HTTPS_PROXY")
+        assert r.ok, r
+        first, proxy = r.stdout.splitlines()
+        assert first.startswith("moat-placeholder-api_key-") and "sk-sdk-value" not in r.stdout
+        assert proxy == "http://127.0.0.1:3128"
+        assert "sk-sdk-value" not in str(s.info())
+    # A secret the policy does not bind is refused before anything starts.
+    with pytest.raises(InvalidRequestError, match="not bound to any host"):
+        Sandbox.create(policy=policy, secrets={"API_KEY": "x", "OTHER": "y"})
+
+
 def test_connect_list_filters(server: Server, label: str) -> None:
     with Sandbox.create(metadata={"label": label, "role": "a"}) as a, Sandbox.create(
         metadata={"label": label, "role": "b"}

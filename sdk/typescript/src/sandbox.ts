@@ -55,8 +55,13 @@ export interface CreateOptions extends ConnectionOptions {
   metadata?: Record<string, string>;
   /** Seconds until the daemon destroys the sandbox (its TTL); the server's default otherwise. */
   timeoutS?: number;
-  /** Isolation tier; `native` (the default) is the one there is. */
+  /** Isolation tier: `native` (the default) or `gvisor` where the server can run it. */
   tier?: string;
+  /**
+   * Values of the secrets the policy binds to hosts (`network.secrets`): the sandbox sees only
+   * placeholders; the egress proxy puts the values into requests to those hosts.
+   */
+  secrets?: Record<string, string>;
 }
 
 export interface ConnectOptions extends ConnectionOptions {
@@ -203,6 +208,7 @@ export class Sandbox {
     if (opts.metadata !== undefined) body.metadata = opts.metadata;
     if (opts.timeoutS !== undefined) body.timeout_s = opts.timeoutS;
     if (opts.tier !== undefined) body.tier = opts.tier;
+    if (opts.secrets !== undefined) body.secrets = opts.secrets;
     const w = await client.json<Record<string, unknown>>('POST', '/v1/sandboxes', {
       json: body,
       what: 'create a sandbox',

@@ -136,6 +136,19 @@ describe('sandboxes', () => {
     await rejectsWith(sb.info(), NotFoundError, 404, 'not_found');
   });
 
+  test('secrets go to the daemon; the sandbox sees a placeholder', async () => {
+    const policy = {
+      network: { mode: 'allowlist', allow: ['api.example.com'], secrets: { API_KEY: ['api.example.com'] } },
+    };
+    await Sandbox.with({ policy, secrets: { API_KEY: 'sk-ts-value' } }, async (sb) => {
+      made.push(sb.id);
+      const r = await sb.exec(['sh', '-c', 'echo $API_KEY']);
+      assert.equal(r.exitCode, 0);
+      assert.match(r.stdout, /^moat-placeholder-api_key-[0-9a-f]{32}\n$/);
+      assert.ok(!JSON.stringify(await sb.info()).includes('sk-ts-value'));
+    });
+  });
+
   test('pause and resume', async () => {
     await Sandbox.with({}, async (sb) => {
       made.push(sb.id);

@@ -199,10 +199,11 @@ class AsyncSandbox:
         api_key: Optional[str] = None,
         *,
         tier: Optional[str] = None,
+        secrets: Optional[Mapping[str, str]] = None,
     ) -> "_Creating":
         """Creates and starts a sandbox: ``sbx = await AsyncSandbox.create(...)``, or
         ``async with AsyncSandbox.create(...) as sbx:`` (destroyed on exit)."""
-        return _Creating(cls._create(policy, env, metadata, timeout, url, api_key, tier))
+        return _Creating(cls._create(policy, env, metadata, timeout, url, api_key, tier, secrets))
 
     @classmethod
     async def _create(
@@ -214,11 +215,12 @@ class AsyncSandbox:
         url: Optional[str],
         api_key: Optional[str],
         tier: Optional[str],
+        secrets: Optional[Mapping[str, str]] = None,
     ) -> "AsyncSandbox":
         http = _AsyncHttp(url, api_key)
         try:
             d = await http.request(
-                "POST", "/sandboxes", json=c.create_body(policy, env, metadata, timeout, tier), long=True
+                "POST", "/sandboxes", json=c.create_body(policy, env, metadata, timeout, tier, secrets), long=True
             )
         except BaseException:
             await http.close()

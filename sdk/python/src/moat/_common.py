@@ -152,6 +152,7 @@ def create_body(
     metadata: Optional[Mapping[str, str]],
     timeout: Optional[int],
     tier: Optional[str],
+    secrets: Optional[Mapping[str, str]] = None,
 ) -> Dict[str, Any]:
     body: Dict[str, Any] = {}
     if policy is not None:
@@ -164,6 +165,8 @@ def create_body(
         body["timeout_s"] = int(timeout)
     if tier is not None:
         body["tier"] = tier
+    if secrets:
+        body["secrets"] = {str(k): str(v) for k, v in secrets.items()}
     return body
 
 

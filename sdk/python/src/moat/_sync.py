@@ -188,16 +188,19 @@ class Sandbox:
         api_key: Optional[str] = None,
         *,
         tier: Optional[str] = None,
+        secrets: Optional[Mapping[str, str]] = None,
     ) -> "Sandbox":
         """Creates and starts a sandbox.
 
         ``policy``: the TOML policy's fields as a dict (e.g. ``{"limits": {"memory": "512M"}}``);
         ``env``: variables every command gets; ``metadata``: your labels (filter :meth:`list`
-        by them); ``timeout``: seconds it lives (the server's default and cap apply).
+        by them); ``timeout``: seconds it lives (the server's default and cap apply);
+        ``secrets``: values of the secrets the policy binds to hosts (``network.secrets``): the
+        sandbox sees placeholders, the egress proxy sends the values to those hosts only.
         """
         http = _Http(url, api_key)
         try:
-            d = http.request("POST", "/sandboxes", json=c.create_body(policy, env, metadata, timeout, tier), long=True)
+            d = http.request("POST", "/sandboxes", json=c.create_body(policy, env, metadata, timeout, tier, secrets), long=True)
         except BaseException:
             http.close()
             raise
