@@ -713,8 +713,41 @@ fn a_secret_reaches_only_its_host_and_never_the_sandbox() {
          curl -sS -H \"Authorization: Bearer $API_TOKEN\" http://sec.test:{h}/cleartext; \
          curl -sS --cacert /certs/ca.pem -H \"Authorization: Bearer $API_TOKEN\" https://up.test:{us}/unbound 2>&1; \
          echo; grep -rl \"$SECRET_PROBE\" /etc /tmp /work /proc/*/environ /proc/*/cmdline 2>/dev/null | head -3; \
-         python3 -c 'import os; print(\"env-has-value\", any(os.environ[\"SECRET_PROBE\"] in v for v in os.environ.values() if v != os.environ[\"SECRET_PROBE\"]))'"
+         python3 -c 'import os; print(\"env-has-value\", any(os.environ[\"SECRET_PROBE\"] in v for v in os.environ.values() if v != os.environ[\"SECRET_PROBE\"]))'; \
+         python3 /certs/mem.py"
     );
+    // A process that made an intercepted request, its memory read afterwards by another
+    // (through /proc/PID/mem): the placeholder is there (the scan works), the value not.
+    let mem = format!(
+        r#"
+import os, subprocess
+probe = os.environ["SECRET_PROBE"].encode()
+placeholder = os.environ["API_TOKEN"].encode()
+child = ('import os, requests, time; r = requests.get("https://sec.test:{s}/mem", '
+         'headers={{"Authorization": "Bearer " + os.environ["API_TOKEN"]}}); '
+         'print(r.text.strip(), flush=True); time.sleep(60)')
+env = {{k: v for k, v in os.environ.items() if k != "SECRET_PROBE"}}
+p = subprocess.Popen(["python3", "-c", child], env=env, stdout=subprocess.PIPE)
+said = p.stdout.readline().decode().strip()
+scanned, has_placeholder, has_value = 0, False, False
+with open(f"/proc/{{p.pid}}/maps") as maps, open(f"/proc/{{p.pid}}/mem", "rb", 0) as mem:
+    for line in maps:
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if "r" not in line.split()[1]:
+            continue
+        try:
+            mem.seek(lo)
+            chunk = mem.read(hi - lo)
+        except (OSError, OverflowError, ValueError):
+            continue
+        scanned += len(chunk)
+        has_placeholder |= placeholder in chunk
+        has_value |= probe in chunk
+print("mem", said, "|", scanned > 1 << 20, "placeholder", has_placeholder, "value", has_value)
+p.kill()
+"#
+    );
+    std::fs::write(certs.dir.join("mem.py"), mem).unwrap();
     // SECRET_PROBE lets the sandbox search for the value without holding it: it is the
     // value reversed, and the search reverses it back only inside grep's pattern... which
     // would put it in the sandbox. So the probe is a fragment of the value instead: the
@@ -740,6 +773,10 @@ fn a_secret_reaches_only_its_host_and_never_the_sandbox() {
     assert!(out.contains("hello from sec-http /cleartext"), "{r:#}");
     assert!(out.contains("hello from up-https /unbound"), "{r:#}");
     assert!(out.contains("env-has-value False"), "{r:#}");
+    assert!(
+        out.contains("mem hello from sec-https /mem | True placeholder True value False"),
+        "{r:#}"
+    );
     // No file, environment or command line in the sandbox held the value's tail other
     // than SECRET_PROBE's own (/proc/*/environ of the shell and its children hold it).
     for l in out.lines().filter(|l| l.starts_with('/')) {
@@ -772,7 +809,16 @@ fn a_secret_reaches_only_its_host_and_never_the_sandbox() {
         .iter()
         .map(|e| e["intercepted"].as_bool().unwrap())
         .collect();
-    assert_eq!(intercepted, vec![true, true, false, false], "{events:#?}");
+    assert_eq!(
+        intercepted,
+        vec![true, true, false, false, true],
+        "{events:#?}"
+    );
+    let mem_req = reqs.iter().find(|q| q["path"] == "/mem").unwrap();
+    assert_eq!(
+        mem_req["headers"]["Authorization"],
+        format!("Bearer {value}")
+    );
     // Nothing of the value in the result either (stderr included).
     assert!(!r.to_string().contains(&value));
 }
