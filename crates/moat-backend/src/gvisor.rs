@@ -24,10 +24,26 @@
 //! policy's plus gVisor's headroom ([`host_limits`]); the workload's own process limit is
 //! enforced inside gVisor (`RLIMIT_NPROC`).
 //!
-//! What differs from the native tier: no Landlock (gVisor implements none; its kernel is the
-//! boundary, and the layers report it in `missing`); seccomp is the same filter, installed
-//! inside gVisor (it filters calls into the user-space kernel, not the host's). `/dev` is
-//! gVisor's own minimal one.
+//! What differs from the native tier (checked with Debian's runsc 20221219, ptrace):
+//! - no Landlock (gVisor implements none; its kernel is the boundary, and the layers say so
+//!   in `missing`); the same seccomp filter, installed inside gVisor (it filters calls into
+//!   the user-space kernel, not the host's);
+//! - gVisor does not shield PID 1 from signals of its own namespace, so the agent keeps a
+//!   real and saved uid of its own ([`agent_real_uid`]) and acts on files with the sandbox
+//!   user's effective uid: the workload cannot kill, stop or ptrace it, nor open its
+//!   `/proc/1/mem`; `/proc/1/maps` and `/proc/1/environ` (only `PATH`) stay readable;
+//! - the workload's process limit is `RLIMIT_NPROC` inside gVisor; the cgroup bounds gVisor
+//!   itself ([`host_limits`]);
+//! - going over the memory limit is an OOM kill in the cgroup, which takes the whole sandbox
+//!   (the sentry holds all of the workload's memory): the cgroup's OOM count says `oom`;
+//!   `/proc/meminfo` inside shows the host's memory;
+//! - `/dev` is gVisor's minimal one (plus the sandbox's `/dev/shm`); `/sys` is empty unless
+//!   `fs.sys`;
+//! - this runsc refuses `AT_NO_AUTOMOUNT` in `statx`/`fstatat` (EINVAL), so coreutils'
+//!   `ls -l` and `stat` fail inside (Python, Rust and most runtimes are unaffected); a pty
+//!   has no `tty` name and no `/dev/tty`, and a Ctrl-D does not end a reader's input: newer
+//!   runsc releases fix these;
+//! - `fs.root` is refused (the agent needs the host's `/usr` and `/lib` inside).
 
 use crate::cgroup::{self, Cgroup};
 use crate::native::{ExecEnv, RunError, SpawnRequest, Spawned};
@@ -1452,7 +1468,7 @@ fn platforms_of(runsc: &Path) -> Vec<String> {
 }
 
 /// Tries each platform of this runsc: `runsc --network=none --platform=P do true`, killed
-/// (with everything it started) after [`PROBE_TIMEOUT`].
+/// (with everything it started) after 3 s.
 pub fn probe() -> RunscProbe {
     let Some(runsc) = find_runsc() else {
         return RunscProbe {

@@ -571,9 +571,47 @@ fn the_workload_runs_under_gvisor_and_the_agent_serves_it() {
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(c.run(&["true"]).exit(), (Some(0), None, Status::Ok));
 
+        // Nor look into it: no ptrace, no /proc/1/mem. (Where gVisor differs from Linux, as
+        // accepted here: /proc/1/maps and /proc/1/environ, which hold only the agent's
+        // address layout and its PATH, are readable.)
+        let script = r#"
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+print(libc.ptrace(16, 1, 0, 0), os.strerror(ctypes.get_errno()))
+try:
+    open("/proc/1/mem", "rb")
+    print("mem open")
+except OSError as e:
+    print(e.strerror)
+"#;
+        let o = c.run(&["python3", "-c", script]);
+        assert_eq!(
+            o.out(),
+            "-1 Operation not permitted\nPermission denied\n",
+            "{o:?}"
+        );
+
         // No network but loopback.
         let o = c.sh("cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '");
         assert_eq!(o.out(), "lo\n", "{o:?}");
+
+        // A foreground process dies with its connection.
+        let mut c2 = sb.connect();
+        let s = c2.request(&exec(&["sleep", "1001"]));
+        assert!(matches!(c2.first_response(s), Response::Started { .. }));
+        drop(c2);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c
+            .sh("cat /proc/[0-9]*/cmdline | tr '\\0' ' '")
+            .out()
+            .contains("sleep 1001")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the closed connection's process lives on"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
 
         if std::env::var_os("MOAT_TEST_TIMING").is_some() {
             let t = Instant::now();
