@@ -117,9 +117,13 @@ impl Sandbox {
         let socket = dir.join("agent.sock");
         let (mut spawner, child) = start_spawner_with(&[]);
         let t = Instant::now();
-        let spawned = spawner
-            .spawn(&policy, &socket)
-            .expect("spawn a gvisor sandbox");
+        let spawned = match spawner.spawn(&policy, &socket) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                panic!("spawn a gvisor sandbox: {e}");
+            }
+        };
         let spawn_time = t.elapsed();
         if std::env::var_os("MOAT_TEST_TIMING").is_some() {
             eprintln!("gvisor spawn took {spawn_time:?}");
