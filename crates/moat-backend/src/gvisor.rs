@@ -291,8 +291,11 @@ pub fn spawn(req: &SpawnRequest) -> Result<Spawned, RunError> {
     let ctl = dir.join("ctl");
     mkdir(&ctl, 0o700)?;
     mkdir(&dir.join("state"), 0o700)?;
-    let policy_json = serde_json::to_vec(&PolicyOut(policy))
-        .map_err(|e| RunError::Setup(format!("encode the policy: {e}")))?;
+    let policy_json = serde_json::to_vec(&AgentConfig {
+        policy: policy_to_json(policy),
+        ca_pem: policy.network.ca_pem.clone(),
+    })
+    .map_err(|e| RunError::Setup(format!("encode the policy: {e}")))?;
     write_private(&ctl.join(POLICY_FILE), &policy_json)?;
     let bundle = dir.join("bundle");
     mkdir(&bundle, 0o755)?;
@@ -465,14 +468,14 @@ fn sweep_stale(base: &Path) {
     }
 }
 
-/// The policy as the agent reads it back: serialised from the fields moat_policy exposes
-/// (Policy itself only deserialises).
-struct PolicyOut<'a>(&'a Policy);
-
-impl Serialize for PolicyOut<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        policy_to_json(self.0).serialize(s)
-    }
+/// What the agent reads from its control directory: the policy (in the schema of moat's
+/// TOML policy: `Policy` itself only deserialises), and the sandbox CA it must trust, which
+/// a policy document never carries (`network.ca_pem`).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentConfig {
+    policy: serde_json::Value,
+    ca_pem: Option<String>,
 }
 
 /// The policy in the schema of moat's TOML policy, as JSON.
@@ -1009,6 +1012,9 @@ fn build_etc(policy: &Policy, etc: &Path) -> Result<Vec<oci::Mount>, RunError> {
             )?);
         }
     }
+    if let Some(ca) = &policy.network.ca_pem {
+        binds.extend(trust_ca(etc, ca)?);
+    }
     let (uid, gid) = (policy.process.uid, policy.process.gid);
     let home = &policy.fs.workdir;
     let host = &policy.process.hostname;
@@ -1033,6 +1039,39 @@ fn build_etc(policy: &Policy, etc: &Path) -> Result<Vec<oci::Mount>, RunError> {
         ),
     )?;
     write("resolv.conf", "# no network in this sandbox\n".to_string())?;
+    Ok(binds)
+}
+
+/// Makes the sandbox trust its proxy's CA, as the native tier does: the CA alone and the
+/// host's bundle plus it as files of the sandbox's `/etc/ssl`, the second also bound over
+/// the system bundle. Returns that bind.
+fn trust_ca(etc: &Path, ca: &str) -> Result<Vec<oci::Mount>, RunError> {
+    let in_etc = |p: &str| etc.join(p.trim_start_matches("/etc/"));
+    mkdir(&etc.join("ssl"), 0o755)?;
+    let ca_file = in_etc(rootfs::MOAT_CA_FILE);
+    fs::write(&ca_file, ca).map_err(io_ctx(format!("write {}", rootfs::MOAT_CA_FILE)))?;
+    let system = Path::new("/etc").join(rootfs::SYSTEM_BUNDLE);
+    let mut bundle = fs::read(&system).unwrap_or_default();
+    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(ca.as_bytes());
+    let bundle_file = in_etc(rootfs::MOAT_BUNDLE_FILE);
+    fs::write(&bundle_file, &bundle)
+        .map_err(io_ctx(format!("write {}", rootfs::MOAT_BUNDLE_FILE)))?;
+    for f in [&ca_file, &bundle_file] {
+        fs::set_permissions(f, fs::Permissions::from_mode(0o644))
+            .map_err(io_ctx(format!("chmod {}", f.display())))?;
+    }
+    let mut binds = Vec::new();
+    if system.is_file() {
+        binds.push(mount(
+            &format!("/etc/{}", rootfs::SYSTEM_BUNDLE),
+            "bind",
+            &bundle_file.display().to_string(),
+            &["bind", "ro", "nosuid", "nodev", "noexec"],
+        )?);
+    }
     Ok(binds)
 }
 
@@ -1374,8 +1413,11 @@ fn agent_setup() -> Result<AgentParts, String> {
         return Err("the policy file is too large".into());
     }
     let text = fs::read(&policy_path).map_err(ctx("read the policy"))?;
-    let policy: Policy =
+    let config: AgentConfig =
         serde_json::from_slice(&text).map_err(|e| format!("parse the policy: {e}"))?;
+    let mut policy: Policy =
+        serde_json::from_value(config.policy).map_err(|e| format!("parse the policy: {e}"))?;
+    policy.network.ca_pem = config.ca_pem;
     policy.validate().map_err(|e| e.to_string())?;
     let policy: &'static Policy = Box::leak(Box::new(policy));
 
@@ -1603,12 +1645,10 @@ mod tests {
             allow_missing = ["landlock"]
         "#;
         let p = Policy::from_toml(text).unwrap();
-        let json = serde_json::to_vec(&PolicyOut(&p)).unwrap();
-        let back: Policy = serde_json::from_slice(&json).unwrap();
+        let back: Policy = serde_json::from_value(policy_to_json(&p)).unwrap();
         assert_eq!(back, p);
         let d = Policy::default();
-        let back: Policy =
-            serde_json::from_slice(&serde_json::to_vec(&PolicyOut(&d)).unwrap()).unwrap();
+        let back: Policy = serde_json::from_value(policy_to_json(&d)).unwrap();
         assert_eq!(back, d);
     }
 

@@ -1092,3 +1092,38 @@ fn policy_mounts_are_bound_read_only_or_read_write() {
         let _ = std::fs::remove_dir_all(&host);
     });
 }
+
+/// An allowlist sandbox with a CA (as the daemon starts one whose secrets are bound) trusts
+/// it, as in the native tier: the CA's files, the system bundle with it, the variables.
+#[test]
+fn an_allowlist_sandbox_trusts_its_proxy_ca() {
+    fenced(60, || {
+        let dir = test_dir();
+        let socket = dir.join("agent.sock");
+        let (mut spawner, mut child) = start_spawner_with(&[]);
+        let ca = "-----BEGIN CERTIFICATE-----\nMOATTESTCA\n-----END CERTIFICATE-----\n";
+        let policy = serde_json::json!({"tier": "gvisor", "network": {"mode": "allowlist"}});
+        let spawned = spawner.spawn_with_ca(&policy, &socket, Some(ca)).unwrap();
+        let sb = Sandbox {
+            spawned,
+            socket,
+            dir,
+            spawner: None,
+            spawn_time: Duration::ZERO,
+        };
+        let mut c = sb.connect();
+        let o = c.sh(
+            "cat /etc/ssl/moat-ca.crt; tail -n 3 /etc/ssl/certs/ca-certificates.crt; \
+             echo $SSL_CERT_FILE $HTTPS_PROXY",
+        );
+        assert_eq!(
+            o.out(),
+            format!("{ca}{ca}/etc/ssl/moat-bundle.crt http://127.0.0.1:3128\n"),
+            "{o:?}"
+        );
+        drop(c);
+        drop(sb);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    });
+}
