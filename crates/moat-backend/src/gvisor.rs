@@ -389,7 +389,7 @@ pub fn spawn(req: &SpawnRequest) -> Result<Spawned, RunError> {
             )));
         }
     };
-    let (pid, start_time) = find_sentry(&pending.state, pending.cg.as_ref()).ok_or_else(|| {
+    let (pid, start_time) = find_sentry(&pending.state).ok_or_else(|| {
         RunError::Setup("the gvisor sandbox's process is gone right after it started".into())
     })?;
     link_socket(&ctl.join(SOCKET_FILE), &req.socket)?;
@@ -792,7 +792,7 @@ fn runsc_procs(state: &GvisorState) -> Vec<(u32, String)> {
 }
 
 /// The sentry's (`runsc-sandbox`) pid and start time.
-fn find_sentry(state: &GvisorState, _cg: Option<&Cgroup>) -> Option<(u32, u64)> {
+fn find_sentry(state: &GvisorState) -> Option<(u32, u64)> {
     runsc_procs(state)
         .into_iter()
         .find(|(_, argv0)| argv0 == "runsc-sandbox")
