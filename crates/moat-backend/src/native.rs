@@ -540,6 +540,10 @@ pub struct Spawned {
     pub cgroup_paths: Vec<PathBuf>,
     /// The layers the sandbox has.
     pub layers: Layers,
+    /// A gvisor-tier sandbox's runsc state (absent for the native tier, and in rows stored
+    /// before the tier existed): `pid` and `start_time` then name its sentry process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gvisor: Option<crate::gvisor::GvisorState>,
 }
 
 /// How long [`spawn`] waits for init to report that the agent is ready.
@@ -613,6 +617,7 @@ pub fn spawn(req: &SpawnRequest) -> Result<Spawned, RunError> {
         start_time,
         cgroup_paths,
         layers,
+        gvisor: None,
     })
 }
 

@@ -2,7 +2,6 @@
 
 use crate::cgroup;
 use std::fs;
-use std::path::Path;
 
 /// The facts `moat run` needs before it starts a sandbox (cheap: a few reads and syscalls).
 #[derive(Clone, Debug)]
@@ -78,13 +77,6 @@ fn check(name: &str, ok: bool, detail: String, fix: Option<String>) -> Check {
     }
 }
 
-fn find_in_path(bin: &str) -> Option<String> {
-    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-    path.split(':')
-        .map(|d| format!("{d}/{bin}"))
-        .find(|p| Path::new(p).is_file())
-}
-
 /// Every check `moat doctor` prints. `try_userns` is a closure that really creates a user
 /// namespace (the binary forks for it) and returns the error, if any.
 pub fn doctor(try_userns: impl FnOnce() -> Result<(), String>) -> Vec<Check> {
@@ -157,16 +149,7 @@ pub fn doctor(try_userns: impl FnOnce() -> Result<(), String>) -> Vec<Check> {
         },
         Some("run as root, or on cgroup v2 with delegation (`systemd-run --user --scope -p Delegate=yes moat ...`); or allow running without limits in the policy (security.allow_missing = [\"cgroups\"])".into()),
     ));
-    let runsc = find_in_path("runsc");
-    out.push(check(
-        "gvisor (runsc)",
-        runsc.is_some(),
-        runsc.map_or_else(
-            || "runsc is not installed".into(),
-            |p| format!("runsc found at {p}"),
-        ),
-        Some("install it: `apt-get install runsc` (needed only for the gvisor tier)".into()),
-    ));
+    out.extend(gvisor_checks(&crate::gvisor::probe()));
     let kvm = fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -183,4 +166,43 @@ pub fn doctor(try_userns: impl FnOnce() -> Result<(), String>) -> Vec<Check> {
         Some("load kvm_intel or kvm_amd and add your user to the `kvm` group (needed only for a fast microvm tier)".into()),
     ));
     out
+}
+
+/// `moat doctor`'s lines for the gvisor tier: runsc (path and version), then one line per
+/// platform that runsc offers, each really tried (`runsc do true`).
+pub fn gvisor_checks(p: &crate::gvisor::RunscProbe) -> Vec<Check> {
+    let mut out = vec![check(
+        "gvisor (runsc)",
+        p.path.is_some(),
+        match (&p.path, &p.version) {
+            (Some(path), Some(v)) => format!("{v} at {}", path.display()),
+            (Some(path), None) => format!("runsc at {} (its version did not print)", path.display()),
+            (None, _) => "runsc is not installed".into(),
+        },
+        Some("install it: `apt-get install runsc` (needed only for the gvisor tier), or set MOAT_RUNSC to its path".into()),
+    )];
+    for (name, r) in &p.platforms {
+        out.push(check(
+            &format!("gvisor platform {name}"),
+            r.is_ok(),
+            match r {
+                Ok(ms) => format!("`runsc --platform={name} do true` ran in {ms} ms"),
+                Err(e) => e.clone(),
+            },
+            Some(if name == "kvm" {
+                "needs a working /dev/kvm (not nested or restricted); the gvisor tier uses ptrace by default (MOAT_GVISOR_PLATFORM picks another)".into()
+            } else {
+                format!("run `runsc --platform={name} do true` as root to see why; MOAT_GVISOR_PLATFORM picks the platform the gvisor tier uses")
+            }),
+        ));
+    }
+    out
+}
+
+/// Whether the gvisor tier can run here, from [`doctor`]'s checks: runsc is installed and
+/// the platform the tier uses ([`crate::gvisor::platform`], ptrace by default) works.
+pub fn gvisor_available(checks: &[Check]) -> bool {
+    let platform = format!("gvisor platform {}", crate::gvisor::platform());
+    let ok = |name: &str| checks.iter().any(|c| c.name == name && c.ok);
+    ok("gvisor (runsc)") && ok(&platform)
 }

@@ -19,12 +19,12 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
 /// Host directories bound read-only into a default root.
-const HOST_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
+pub(crate) const HOST_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 
 /// Files copied (or, larger than a page, bound read-only) from the host's `/etc` into the sanitised one (nothing secret, nothing that
 /// names the host): what the C library and common runtimes read. Missing ones are skipped;
 /// only world-readable files are copied. Kept short: every file is paid for at each start.
-const ETC_FILES: &[&str] = &[
+pub(crate) const ETC_FILES: &[&str] = &[
     "ld.so.cache",
     "nsswitch.conf",
     "localtime",
@@ -39,7 +39,7 @@ const ETC_COPY_MAX: u64 = 4096;
 
 /// Directories bound read-only from the host's `/etc`: Debian's `alternatives` symlink farm
 /// and the public CA certificates. Not `/etc/ssl/private`.
-const ETC_DIRS: &[&str] = &["alternatives", "ssl/certs"];
+pub(crate) const ETC_DIRS: &[&str] = &["alternatives", "ssl/certs"];
 
 /// `/proc` paths hidden behind `/dev/null` (files) or an empty read-only tmpfs (dirs), as
 /// Docker masks them.
@@ -448,7 +448,7 @@ fn populate(policy: &Policy, root: &str) -> io::Result<()> {
 pub(crate) const MOAT_CA_FILE: &str = "/etc/ssl/moat-ca.crt";
 pub(crate) const MOAT_BUNDLE_FILE: &str = "/etc/ssl/moat-bundle.crt";
 /// The system bundle (Debian's), which tools read when no variable names another.
-const SYSTEM_BUNDLE: &str = "ssl/certs/ca-certificates.crt";
+pub(crate) const SYSTEM_BUNDLE: &str = "ssl/certs/ca-certificates.crt";
 
 /// Makes the sandbox trust its proxy's CA: the CA alone and the host's bundle plus it as
 /// files of the sandbox's `/etc/ssl`, the second also bound over the system bundle.

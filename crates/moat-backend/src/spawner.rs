@@ -15,7 +15,7 @@
 //!   [`moat_policy::Policy`] and validated in the spawner);
 //! - reply: `{"ok": <Spawned>}` or `{"error": "what went wrong and what to do"}`.
 
-use crate::native::{self, SpawnRequest, Spawned};
+use crate::native::{SpawnRequest, Spawned};
 use moat_policy::Policy;
 use moat_sys::process as sys;
 use serde::{Deserialize, Serialize};
@@ -168,7 +168,7 @@ fn handle(request: &[u8]) -> Result<Spawned, String> {
         .map_err(|e| format!("invalid policy: {e}: use the schema of moat's TOML policy"))?;
     policy.network.ca_pem = request.ca_pem;
     policy.validate().map_err(|e| e.to_string())?;
-    native::spawn(&SpawnRequest {
+    crate::spawn_any(&SpawnRequest {
         policy,
         socket: request.socket,
     })

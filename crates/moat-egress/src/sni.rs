@@ -53,7 +53,7 @@ pub(crate) fn peek(buf: &[u8]) -> Peek {
         return Peek::Incomplete;
     }
     let rec_len = (buf[3] as usize) << 8 | buf[4] as usize;
-    if buf[1] != 3 || rec_len < 4 || rec_len > 16 << 10 {
+    if buf[1] != 3 || !(4..=16 << 10).contains(&rec_len) {
         return Peek::Malformed;
     }
     if buf.len() < 5 + rec_len {

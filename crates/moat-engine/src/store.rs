@@ -266,6 +266,9 @@ pub struct RuntimeInfo {
     pub agent_socket: PathBuf,
     /// The sandbox's cgroup directories (one on v2, one per controller on v1).
     pub cgroup_paths: Vec<PathBuf>,
+    /// What the sandbox's tier needs besides (the gvisor tier's runsc state), opaque here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier_state: Option<serde_json::Value>,
 }
 
 /// A sandbox as the registry knows it.

@@ -362,13 +362,28 @@ impl App {
         policy_json: Value,
         metadata: BTreeMap<String, String>,
         timeout_s: Option<u64>,
-        tier: String,
+        tier: Option<String>,
         secrets: BTreeMap<String, String>,
     ) -> ApiResult<Arc<Sandbox>> {
-        if tier != "native" {
-            return Err(ApiError::bad_request(format!(
-                "tier `{tier}` is not available on this server: use `native`"
-            )));
+        // The call's tier, else the policy's, else the server's default.
+        let mut policy_json = policy_json;
+        let in_policy = policy_json
+            .get("tier")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let tier_v = match (&tier, &in_policy) {
+            (Some(t), Some(p)) if t != p => {
+                return Err(ApiError::bad_request(format!(
+                    "tier `{t}` and the policy's tier `{p}` differ: give one"
+                )))
+            }
+            (Some(t), _) | (None, Some(t)) => {
+                moat_policy::Tier::parse(t).map_err(|e| ApiError::bad_request(e.to_string()))?
+            }
+            (None, None) => self.cfg.default_tier,
+        };
+        if let Some(o) = policy_json.as_object_mut() {
+            o.insert("tier".into(), Value::String(tier_v.as_str().into()));
         }
         let policy: Policy = serde_json::from_value(policy_json.clone())
             .map_err(|e| ApiError::bad_request(format!("policy: {e}")))?;
@@ -380,10 +395,10 @@ impl App {
             return Err(ApiError::bad_request("timeout_s must be at least 1"));
         }
         let ttl_s = ttl_s.min(self.cfg.max_ttl_s);
+        let tier = policy.tier.as_str().to_string();
         let id = store::new_sandbox_id()?;
         let egress = crate::egress::prepare(&id, &policy, &secrets)
             .map_err(|e| ApiError::bad_request(format!("policy: {e}")))?;
-        let mut policy_json = policy_json;
         let mut policy = policy;
         if let Some(e) = &egress {
             // The workload sees each secret's placeholder, never its value.
@@ -450,6 +465,10 @@ impl App {
             init_start_time: spawned.start_time,
             agent_socket: socket.clone(),
             cgroup_paths: spawned.cgroup_paths.clone(),
+            tier_state: spawned
+                .gvisor
+                .as_ref()
+                .and_then(|g| serde_json::to_value(g).ok()),
         };
         let agent = match AgentClient::connect(&socket).await {
             Ok(a) => a,
@@ -678,7 +697,7 @@ impl App {
             let alive = rec
                 .runtime
                 .as_ref()
-                .is_some_and(|r| moat_backend::native::alive(r.init_pid, r.init_start_time));
+                .is_some_and(|r| moat_backend::alive_spawned(&spawned_of(r)));
             let live_state = matches!(rec.state, SandboxState::Running | SandboxState::Paused);
             let agent = match (&rec.runtime, alive && live_state) {
                 (Some(rt), true) => {
@@ -788,7 +807,21 @@ fn kill_runtime(rt: &RuntimeInfo) {
 /// pid namespace); thaws a paused sandbox first, since frozen tasks cannot die.
 fn kill_init(rt: &RuntimeInfo) {
     with_cgroup(&rt.cgroup_paths, |cg| cg.thaw());
-    let _ = moat_backend::native::destroy(rt.init_pid, rt.init_start_time);
+    let _ = moat_backend::destroy_spawned(&spawned_of(rt));
+}
+
+/// The backend's view of a stored sandbox, for the tier-dispatching calls.
+fn spawned_of(rt: &RuntimeInfo) -> moat_backend::Spawned {
+    moat_backend::Spawned {
+        pid: rt.init_pid,
+        start_time: rt.init_start_time,
+        cgroup_paths: rt.cgroup_paths.clone(),
+        layers: Layers::default(),
+        gvisor: rt
+            .tier_state
+            .as_ref()
+            .and_then(|v| serde_json::from_value(v.clone()).ok()),
+    }
 }
 
 /// Kills whatever is left in a sandbox's cgroup and removes it.

@@ -273,14 +273,13 @@ async fn create_sandbox(
             env.insert(k, Value::String(v));
         }
     }
-    let tier = body.tier.unwrap_or_else(|| "native".into());
     let sbx = app
         .create(
             &caller,
             policy,
             body.metadata,
             body.timeout_s,
-            tier,
+            body.tier,
             body.secrets,
         )
         .await?;

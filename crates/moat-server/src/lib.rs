@@ -40,6 +40,8 @@ pub struct ServeConfig {
     /// The operator's egress settings (private ranges let through, pinned names, the
     /// resolver, extra upstream roots); sandboxes cannot change them.
     pub egress: moat_egress::Operator,
+    /// The tier of a sandbox whose create call and policy name none. Default `native`.
+    pub default_tier: moat_policy::Tier,
 }
 
 /// Why the daemon could not start or stopped.

@@ -820,7 +820,7 @@ impl Backend for AppBackend {
                     json!({}),
                     metadata,
                     timeout_s,
-                    "native".into(),
+                    None,
                     BTreeMap::new(),
                 )
                 .await?;

@@ -41,23 +41,14 @@ pub fn drop_bounding_and_ambient() -> io::Result<()> {
             }
         }
     }
-    // SAFETY: integer arguments only.
-    cvt(unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    })
-    .map(drop)
+    clear_ambient()
 }
 
-/// Clears the ambient set.
+/// Clears the ambient set. A kernel without ambient capabilities (`EINVAL`: Linux before
+/// 4.3, or gVisor's user-space kernel) has none to clear.
 pub fn clear_ambient() -> io::Result<()> {
     // SAFETY: integer arguments only.
-    cvt(unsafe {
+    match cvt(unsafe {
         libc::prctl(
             libc::PR_CAP_AMBIENT,
             libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
@@ -65,8 +56,10 @@ pub fn clear_ambient() -> io::Result<()> {
             0,
             0,
         )
-    })
-    .map(drop)
+    }) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        r => r.map(drop),
+    }
 }
 
 /// Empties the effective, permitted and inheritable sets of this thread.

@@ -100,6 +100,21 @@ pub fn set_ids(uid: u32, gid: u32, clear_groups: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Like [`set_ids`] with an empty group list, but the real and saved uid become `real` and
+/// only the effective (and so the filesystem) uid becomes `uid`: the process acts on files as
+/// `uid`, while processes running as `uid` cannot signal or ptrace it (the kernel checks the
+/// sender's ids against the target's real and saved uid). It can still make its children
+/// `uid` through and through (`uid` is one of its ids).
+pub fn set_ids_apart(real: u32, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: a zero-length list with a null pointer is valid for setgroups.
+    cvt(unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    // SAFETY: integers only.
+    cvt(unsafe { libc::setresgid(gid, gid, gid) })?;
+    // SAFETY: integers only.
+    cvt(unsafe { libc::setresuid(real, uid, real) })?;
+    Ok(())
+}
+
 /// `setrlimit(2)` with soft = hard = `value`.
 pub fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> {
     let lim = libc::rlimit {
@@ -164,11 +179,31 @@ pub fn close_fds_from(first: libc::c_uint, keep: Option<libc::c_uint>) -> io::Re
         _ => vec![(first, libc::c_uint::MAX)],
     };
     for (lo, hi) in ranges {
-        // SAFETY: close_range takes integers; closing fds this process owns is the intent,
-        // and nothing in the (single-threaded, about-to-exec) caller uses them afterwards.
-        cvt_long(unsafe { libc::syscall(libc::SYS_close_range, lo, hi, 0 as libc::c_uint) })?;
+        close_range(lo, hi)?;
     }
     Ok(())
+}
+
+/// `close_range(lo, hi, 0)`. gVisor refuses a `hi` above `i32::MAX` (`EINVAL`, where Linux
+/// takes `~0`): then the call is made again with `i32::MAX`, which covers every fd there can
+/// be.
+fn close_range(lo: libc::c_uint, hi: libc::c_uint) -> io::Result<()> {
+    // SAFETY: close_range takes integers; closing fds this process owns is the intent, and
+    // the callers (a single-threaded child about to exec, or one cleaning up what it
+    // inherited) use none of them afterwards.
+    let r = cvt_long(unsafe { libc::syscall(libc::SYS_close_range, lo, hi, 0 as libc::c_uint) });
+    match r {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) && hi > i32::MAX as libc::c_uint => {
+            let hi = i32::MAX as libc::c_uint;
+            if lo > hi {
+                return Ok(());
+            }
+            // SAFETY: as above.
+            cvt_long(unsafe { libc::syscall(libc::SYS_close_range, lo, hi, 0 as libc::c_uint) })
+                .map(drop)
+        }
+        r => r.map(drop),
+    }
 }
 
 /// Sets or clears `O_NONBLOCK`.
@@ -562,9 +597,7 @@ pub fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
     for k in keep.into_iter().chain(std::iter::once(libc::c_uint::MAX)) {
         if k > lo {
             let hi = if k == libc::c_uint::MAX { k } else { k - 1 };
-            // SAFETY: close_range takes integers; the caller asked to close these fds and
-            // uses none of them afterwards.
-            cvt_long(unsafe { libc::syscall(libc::SYS_close_range, lo, hi, 0 as libc::c_uint) })?;
+            close_range(lo, hi)?;
         }
         lo = k.saturating_add(1);
     }
@@ -667,9 +700,30 @@ pub fn open_pty(ptmx: &str) -> io::Result<(OwnedFd, OwnedFd, u32)> {
             libc::TIOCGPTPEER,
             (libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) as libc::c_ulong,
         )
-    })?;
-    // SAFETY: TIOCGPTPEER returned a fresh fd that we now own.
-    let peer = unsafe { OwnedFd::from_raw_fd(peer) };
+    });
+    let peer = match peer {
+        // SAFETY: TIOCGPTPEER returned a fresh fd that we now own.
+        Ok(peer) => unsafe { OwnedFd::from_raw_fd(peer) },
+        // A kernel without TIOCGPTPEER (Linux before 4.13, gVisor before 2023): the peer by
+        // its name, `N` beside `ptmx` in the same devpts instance.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY | libc::EINVAL)) => {
+            let dir = std::path::Path::new(ptmx).parent().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "ptmx has no directory")
+            })?;
+            let name = dir.join(n.to_string());
+            let name = crate::cstr(&name.to_string_lossy())?;
+            // SAFETY: `name` is a NUL-terminated string that outlives the call.
+            let peer = cvt(unsafe {
+                libc::open(
+                    name.as_ptr(),
+                    libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+                )
+            })?;
+            // SAFETY: open returned a fresh fd that we now own.
+            unsafe { OwnedFd::from_raw_fd(peer) }
+        }
+        Err(e) => return Err(e),
+    };
     Ok((master, peer, n))
 }
 

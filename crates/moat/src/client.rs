@@ -99,6 +99,9 @@ pub struct ServeArgs {
     /// The longest lifetime a sandbox may be given, in seconds.
     #[arg(long, default_value_t = 86_400, value_name = "SECONDS")]
     pub max_ttl: u64,
+    /// The tier of sandboxes whose create call names none: `native` or `gvisor`.
+    #[arg(long, env = "MOAT_TIER", default_value = "native", value_name = "TIER")]
+    pub default_tier: String,
     /// Config file (TOML) with an `[egress]` table: `allow_cidrs`, `hosts`, `dns`,
     /// `ca_files` (as the --egress-* flags, which add to it).
     #[arg(long, value_name = "FILE")]
@@ -598,7 +601,15 @@ fn serve(mut a: ServeArgs) -> i32 {
             return 2;
         }
     };
+    let default_tier = match moat_policy::Tier::parse(&a.default_tier) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("moat serve: --default-tier: {e}");
+            return 2;
+        }
+    };
     let cfg = moat_server::ServeConfig {
+        default_tier,
         listen: a.listen,
         state_dir: a.state_dir.unwrap_or_else(default_state_dir),
         default_ttl_s: a.default_ttl,

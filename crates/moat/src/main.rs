@@ -53,9 +53,11 @@ struct RunArgs {
     /// Policy file (TOML). Flags below override it.
     #[arg(long, value_name = "FILE")]
     policy: Option<String>,
-    /// Isolation tier. Only `native` is available in this build.
-    #[arg(long, default_value = "native")]
-    tier: String,
+    /// Isolation tier: `native` (namespaces, seccomp, Landlock, cgroups) or `gvisor` (the same
+    /// sandbox behind gVisor's user-space kernel, runsc; see `moat doctor`). Default: the
+    /// policy's, else $MOAT_TIER, else native.
+    #[arg(long)]
+    tier: Option<String>,
     /// Memory limit for the whole sandbox, e.g. 256M, 1G.
     #[arg(long)]
     memory: Option<String>,
@@ -188,6 +190,13 @@ fn build_policy(a: &RunArgs) -> Result<Policy> {
                 .collect(),
         );
     }
+    if let Some(t) = &a.tier {
+        p.tier = moat_policy::Tier::parse(t).context("--tier")?;
+    } else if a.policy.is_none() {
+        if let Some(t) = std::env::var("MOAT_TIER").ok().filter(|t| !t.is_empty()) {
+            p.tier = moat_policy::Tier::parse(&t).context("$MOAT_TIER")?;
+        }
+    }
     for l in &a.allow_missing {
         let layer = match l.as_str() {
             "cgroups" => Layer::Cgroups,
@@ -231,23 +240,19 @@ fn cmd_run(a: RunArgs) -> i32 {
         }
         125
     };
-    if a.tier != "native" {
-        return fail(format!(
-            "tier `{}` is not available in this build: use --tier native (run `moat doctor`)",
-            a.tier
-        ));
-    }
     let policy = match build_policy(&a) {
         Ok(p) => p,
         Err(e) => return fail(format!("{e:#}")),
     };
-    if policy.network.mode == moat_policy::NetworkMode::Allowlist {
+    if policy.network.mode == moat_policy::NetworkMode::Allowlist
+        || policy.tier != moat_policy::Tier::Native
+    {
         let operator = match a.egress.operator() {
             Ok(op) => op,
             Err(e) => return fail(format!("{e:#}")),
         };
         return match run_agent::run(policy, a.cmd, json, operator) {
-            Ok((result, events)) => report(json, &result, Some(&events)),
+            Ok((result, events)) => report(json, &result, events.as_deref()),
             Err(e) => fail(e),
         };
     }
@@ -307,10 +312,11 @@ fn cmd_doctor(json: bool) -> i32 {
         .iter()
         .filter(|c| ["user namespaces", "seccomp"].contains(&c.name.as_str()))
         .all(|c| c.ok);
+    let gvisor_ok = probe::gvisor_available(&checks);
     if json {
         let doc = serde_json::json!({
             "checks": checks,
-            "tiers": { "native": native_ok },
+            "tiers": { "native": native_ok, "gvisor": gvisor_ok },
         });
         println!("{doc}");
     } else {
@@ -325,13 +331,17 @@ fn cmd_doctor(json: bool) -> i32 {
                 println!("     {:<16} fix: {f}", "");
             }
         }
-        println!(
-            "\ntiers: native {}",
-            if native_ok {
+        let say = |ok: bool| {
+            if ok {
                 "available"
             } else {
                 "NOT available (see above)"
             }
+        };
+        println!(
+            "\ntiers: native {}, gvisor {}",
+            say(native_ok),
+            say(gvisor_ok)
         );
     }
     if native_ok {
@@ -342,6 +352,12 @@ fn cmd_doctor(json: bool) -> i32 {
 }
 
 fn main() {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == moat_backend::gvisor::AGENT_ARG)
+    {
+        moat_backend::gvisor::agent_main()
+    }
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Run(a) => cmd_run(*a),

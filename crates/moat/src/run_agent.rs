@@ -1,6 +1,6 @@
 //! `moat run` through a sandbox's agent: for sandboxes that need more than a forked
-//! command, i.e. network mode `allowlist`, whose connections the agent relays to an egress
-//! proxy that this process runs. The sandbox is started (while this process is still
+//! command, i.e. the gvisor tier (runsc runs the agent as the sandbox's PID 1) and network
+//! mode `allowlist` (the agent relays connections to an egress proxy this process runs). The sandbox is started (while this process is still
 //! single-threaded), the command runs as the agent's exec with our stdin, stdout and stderr,
 //! and the sandbox is destroyed, whatever happened, before the result is reported.
 
@@ -58,7 +58,7 @@ struct Started {
 
 impl Drop for Started {
     fn drop(&mut self) {
-        let _ = moat_backend::destroy(self.spawned.pid, self.spawned.start_time);
+        let _ = moat_backend::destroy_spawned(&self.spawned);
         if !self.spawned.cgroup_paths.is_empty() {
             if let Ok(mut cg) = Cgroup::open(self.spawned.cgroup_paths.clone()) {
                 let _ = cg.kill_all();
@@ -99,7 +99,7 @@ pub fn run(
     argv: Vec<String>,
     json: bool,
     operator: moat_egress::Operator,
-) -> Result<(ExecResult, Vec<ConnEvent>), String> {
+) -> Result<(ExecResult, Option<Vec<ConnEvent>>), String> {
     let started_at = Instant::now();
     let id = format!("{}-{}", std::process::id(), random_hex(4));
     // Secrets' values come from this process's environment and never enter the sandbox.
@@ -128,7 +128,7 @@ pub fn run(
     let output_cap = policy.limits.output;
     let dir = socket_dir(&id)?;
     let socket = dir.join("agent.sock");
-    let spawned = match moat_backend::spawn(&SpawnRequest {
+    let spawned = match moat_backend::spawn_any(&SpawnRequest {
         policy,
         socket: socket.clone(),
     }) {
@@ -155,6 +155,7 @@ pub fn run(
         print: !json,
         ..Sink::default()
     });
+    let had_egress = prepared.is_some();
     let outcome = rt.block_on(async {
         let _pump = match prepared {
             Some(p) => {
@@ -257,7 +258,7 @@ pub fn run(
         let _ = c.into_paths();
     }
     drop(sandbox);
-    let events = sink.events.lock().map(|v| v.clone()).unwrap_or_default();
+    let events = had_egress.then(|| sink.events.lock().map(|v| v.clone()).unwrap_or_default());
     let (end, out, counts, over) = outcome?;
     let killed = sink.killed.load(Ordering::SeqCst);
     let (exit_code, signal, mut status) = end.unwrap_or((None, Some(9), Status::Killed));

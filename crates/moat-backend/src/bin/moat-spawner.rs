@@ -8,6 +8,12 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 
 fn main() {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == moat_backend::gvisor::AGENT_ARG)
+    {
+        moat_backend::gvisor::agent_main()
+    }
     let fd = match std::io::stdin().as_fd().try_clone_to_owned() {
         Ok(fd) => fd,
         Err(e) => {

@@ -519,6 +519,7 @@ fn sandboxes_round_trip() {
             init_start_time: 987_654_321,
             agent_socket: "/run/moat/sbx/agent.sock".into(),
             cgroup_paths: vec!["/sys/fs/cgroup/moat/sbx".into()],
+            tier_state: None,
         }),
         error: Some("nothing yet".into()),
     };
@@ -713,6 +714,7 @@ fn runtime_info_is_set_and_cleared() {
             "/sys/fs/cgroup/cpu/x".into(),
             "/sys/fs/cgroup/memory/x".into(),
         ],
+        tier_state: Some(serde_json::json!({"id": "g1"})),
     };
     assert!(store.set_runtime("sbx_1", Some(&info)).unwrap());
     assert_eq!(store.sandbox("sbx_1").unwrap().unwrap().runtime, Some(info));
