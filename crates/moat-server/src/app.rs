@@ -90,6 +90,11 @@ impl Sandbox {
         with_cgroup(&self.runtime.cgroup_paths, f)
     }
 
+    /// OOM kills in the sandbox's cgroup so far (0 without cgroups).
+    pub fn oom_kills(&self) -> u64 {
+        self.with_cgroup(|c| c.oom_kills()).unwrap_or(0)
+    }
+
     /// The sandbox must be running for exec and file calls.
     pub fn require_running(&self) -> ApiResult<()> {
         match self.state() {
@@ -330,8 +335,23 @@ impl App {
     /// Starts the relay pump of `sbx`'s egress, with a sink that records every connection
     /// in the audit log and counts it.
     fn start_egress(self: &Arc<Self>, sbx: &Arc<Sandbox>, cfg: moat_egress::SandboxEgress) {
+        // One writer per sandbox: its connection events reach the log in the order they
+        // happened.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Value)>();
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some((sandbox, data)) = rx.recv().await {
+                let Some(app) = weak.upgrade() else {
+                    return;
+                };
+                let _ = app
+                    .audit(None, Some(&sandbox), EventKind::Egress, data)
+                    .await;
+            }
+        });
         let sink = Arc::new(AuditSink {
             app: Arc::downgrade(self),
+            tx,
         });
         let pump = crate::egress::start(&self.proxy, sbx.runtime.agent_socket.clone(), cfg, sink);
         if let Ok(mut e) = sbx.egress.lock() {
@@ -847,6 +867,7 @@ fn make_private_dir(dir: &Path) -> Result<(), String> {
 /// the policy's `max_denials`) the sandbox's end.
 struct AuditSink {
     app: std::sync::Weak<App>,
+    tx: tokio::sync::mpsc::UnboundedSender<(String, Value)>,
 }
 
 impl moat_egress::EgressSink for AuditSink {
@@ -861,13 +882,8 @@ impl moat_egress::EgressSink for AuditSink {
             &app.counters.egress_allowed
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        let sandbox = e.sandbox.clone();
         let data = serde_json::to_value(&e).unwrap_or(Value::Null);
-        tokio::spawn(async move {
-            let _ = app
-                .audit(None, Some(&sandbox), EventKind::Egress, data)
-                .await;
-        });
+        let _ = self.tx.send((e.sandbox, data));
     }
 
     fn denial_limit(&self, sandbox: &str) {

@@ -269,6 +269,21 @@ async fn drive(
     fin
 }
 
+/// A command killed by SIGKILL, or whose agent went away (the gvisor tier: the host's OOM
+/// killer takes the sentry), while the sandbox's OOM count rose, ran out of memory.
+fn settle_oom(sbx: &Sandbox, oom_before: u64, fin: &mut Finished) {
+    let killed = fin.signal == Some(libc::SIGKILL) || fin.status == Status::Error;
+    if killed && fin.status != Status::Timeout && sbx.oom_kills() > oom_before {
+        fin.status = Status::Oom;
+        fin.exit_code = None;
+        fin.signal = Some(libc::SIGKILL);
+        fin.message = Some(format!(
+            "the sandbox ran out of memory (limit {} bytes): the command was killed",
+            sbx.policy.limits.memory
+        ));
+    }
+}
+
 /// The shell's exit code for a command that could not start.
 fn exit_code_of_failure(code: &str) -> Option<i32> {
     match code {
@@ -351,6 +366,7 @@ pub async fn exec(
     let (sbx, stdin, spec) = prepare(&app, &caller, &id, &body)?;
     let cap = sbx.policy.limits.output;
     let started = Instant::now();
+    let oom_before = sbx.oom_kills();
     // Streamed: a connection of its own, so a slow reader stalls only this command.
     let agent = sbx.dedicated().await?;
     let exec = agent.exec(spec.clone()).await?;
@@ -358,7 +374,8 @@ pub async fn exec(
     let key = caller.key_id().clone();
     tokio::spawn(async move {
         let _keep: AgentClient = agent;
-        let fin = drive_streamed(exec, stdin, cap, started, &tx).await;
+        let mut fin = drive_streamed(exec, stdin, cap, started, &tx).await;
+        settle_oom(&sbx, oom_before, &mut fin);
         let audit = app
             .audit(
                 Some(&key),
@@ -400,10 +417,11 @@ pub async fn run_to_end(
     let (sbx, stdin, spec) = prepare(app, caller, id, &body)?;
     let cap = sbx.policy.limits.output;
     let started = Instant::now();
+    let oom_before = sbx.oom_kills();
     let exec = sbx.agent.exec(spec.clone()).await?;
     let mut out = Vec::new();
     let mut err = Vec::new();
-    let fin = drive(exec, stdin, cap, started, |s| {
+    let mut fin = drive(exec, stdin, cap, started, |s| {
         match s {
             Sink::Stdout(b) => out.extend_from_slice(b),
             Sink::Stderr(b) => err.extend_from_slice(b),
@@ -412,6 +430,7 @@ pub async fn run_to_end(
         true
     })
     .await;
+    settle_oom(&sbx, oom_before, &mut fin);
     app.audit(
         Some(caller.key_id()),
         Some(id),

@@ -215,6 +215,7 @@ pub fn run(
         let mut out = (Vec::new(), Vec::new());
         let mut counts = (0u64, 0u64);
         let mut over = false;
+        let mut lost = None;
         let end = loop {
             let ev = tokio::select! {
                 ev = exec.next() => ev,
@@ -241,14 +242,19 @@ pub fn run(
                     signal,
                     status,
                 }) => break Some((exit_code, signal, status)),
-                Some(ExecEvent::Failed(e)) => return Err(e.to_string()),
+                // The agent went away: in the gvisor tier that is how the host's OOM killer
+                // ends a sandbox (it kills the sentry); told apart below by the cgroup.
+                Some(ExecEvent::Failed(e)) => {
+                    lost = Some(e.to_string());
+                    break None;
+                }
                 None => break None,
             }
             if over {
                 let _ = exec.stdin().cancel();
             }
         };
-        Ok::<_, String>((end, out, counts, over))
+        Ok::<_, String>((end, out, counts, over, lost))
     });
     let cg = Cgroup::open(cgroup_paths.clone()).ok();
     let oom = cg.as_ref().is_some_and(|c| c.oom_kills() > 0);
@@ -259,7 +265,10 @@ pub fn run(
     }
     drop(sandbox);
     let events = had_egress.then(|| sink.events.lock().map(|v| v.clone()).unwrap_or_default());
-    let (end, out, counts, over) = outcome?;
+    let (end, out, counts, over, lost) = outcome?;
+    if let (Some(e), false) = (&lost, oom) {
+        return Err(format!("the sandbox's agent went away: {e}"));
+    }
     let killed = sink.killed.load(Ordering::SeqCst);
     let (exit_code, signal, mut status) = end.unwrap_or((None, Some(9), Status::Killed));
     let mut message = None;

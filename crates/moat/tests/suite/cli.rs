@@ -3,7 +3,7 @@
 //! fail.
 
 use super::daemon::Daemon;
-use super::harness::{have, moat_bin, require, scratch_dir, Run};
+use super::harness::{gvisor, have, moat_bin, require, scratch_dir, tier, Run};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
@@ -256,7 +256,7 @@ fn cli_create_ls_pause_resume_rm() {
     );
     let line_a = t.lines().find(|l| l.starts_with(&a)).expect(&t);
     assert!(line_a.contains("running"), "{t}");
-    assert!(line_a.contains("native"), "{t}");
+    assert!(line_a.contains(tier()), "{t}");
     assert!(line_a.contains("in 9m") || line_a.contains("in 10m"), "{t}");
     assert!(line_a.contains("job=1,owner=alice"), "{t}");
     assert!(t.contains(&b), "{t}");
@@ -396,7 +396,7 @@ fn cli_exec_exit_codes_output_and_stdin() {
     assert_eq!(v["exit_code"], 5);
     assert_eq!(v["status"], "ok");
     let res: moat_api::ExecResult = serde_json::from_value(v).unwrap();
-    assert_eq!(res.sandbox.tier, "native");
+    assert_eq!(res.sandbox.tier, tier());
 
     // A reader that goes away (`| head`) ends moat exec as SIGPIPE would: 141, at once.
     let code_file = d.dir.join("pipe-code");
@@ -771,6 +771,13 @@ fn cli_shell_resizes_and_forwards_control_keys() {
         "the size after a resize: {text}"
     );
     assert!(text.contains("TERM=xterm-256color"), "{text}");
+    if gvisor() {
+        // Accepted outcome in the gvisor tier: runsc 20221219's terminals give the session no
+        // controlling terminal (`tty` prints nothing, /dev/tty is EIO), so ^C is a plain byte
+        // there and no SIGINT reaches the sleep; resizing, output and the exit code work.
+        assert!(text.contains("EXIT 3"), "{text}\n{err}");
+        return;
+    }
     assert!(
         !text.contains("\nSLEPT"),
         "^C did not reach the remote sleep: {text}"

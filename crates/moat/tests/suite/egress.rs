@@ -856,23 +856,38 @@ fn the_daemon_audits_every_connection_counts_denials_and_kills_past_the_limit() 
     assert!(!out.contains("tok-value-4242"), "{r}");
     assert_eq!(sec.requests()[0]["headers"]["X-T"], "tok-value-4242");
     // Every attempt is an audit event of kind `egress`, with its decision and numbers.
-    let ev = d.api(
-        "GET",
-        &format!("/v1/sandboxes/{id}/events?kind=egress"),
-        None,
-    );
-    let list = ev.json();
+    // An allowed connection's event comes when it closes, written right after: wait for all
+    // three, and find each by its host (a close may be seen after the next one's start).
+    let mut list = json!({});
+    for _ in 0..50 {
+        list = d
+            .api(
+                "GET",
+                &format!("/v1/sandboxes/{id}/events?kind=egress"),
+                None,
+            )
+            .json();
+        if list["events"].as_array().is_some_and(|v| v.len() >= 3) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let events: Vec<&Value> = list["events"].as_array().unwrap().iter().collect();
     assert_eq!(events.len(), 3, "{list:#}");
-    let data: Vec<&Value> = events.iter().map(|e| &e["data"]).collect();
-    assert_eq!(data[0]["host"], "up.test");
-    assert_eq!(data[0]["decision"], "allow");
-    assert!(data[0]["bytes_down"].as_u64().unwrap() > 0);
-    assert_eq!(data[1]["host"], "sec.test");
-    assert_eq!(data[1]["intercepted"], true);
-    assert_eq!(data[2]["host"], "evil.test");
-    assert_eq!(data[2]["decision"], "deny");
-    assert_eq!(data[2]["reason"], "host evil.test is not in the allowlist");
+    let by_host = |h: &str| {
+        events
+            .iter()
+            .map(|e| &e["data"])
+            .find(|d| d["host"] == h)
+            .unwrap_or_else(|| panic!("no event for {h}: {list:#}"))
+    };
+    let up_ev = by_host("up.test");
+    assert_eq!(up_ev["decision"], "allow");
+    assert!(up_ev["bytes_down"].as_u64().unwrap() > 0);
+    assert_eq!(by_host("sec.test")["intercepted"], true);
+    let evil = by_host("evil.test");
+    assert_eq!(evil["decision"], "deny");
+    assert_eq!(evil["reason"], "host evil.test is not in the allowlist");
     let metrics = d.api("GET", "/metrics", None).text();
     assert!(metrics.contains("moat_egress_denied_total 1"), "{metrics}");
     assert!(metrics.contains("moat_egress_allowed_total 2"), "{metrics}");

@@ -15,6 +15,23 @@ pub fn moat_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_moat"))
 }
 
+/// The tier this run of the suite tests: `$MOAT_TIER` (`native` or `gvisor`), which every
+/// `moat` the tests start inherits (`moat run`'s and `moat serve`'s default tier). CI runs
+/// the whole suite once per tier.
+pub fn tier() -> &'static str {
+    static TIER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TIER.get_or_init(|| match std::env::var("MOAT_TIER").as_deref() {
+        Ok("gvisor") => "gvisor".into(),
+        Ok("native") | Ok("") | Err(_) => "native".into(),
+        Ok(other) => panic!("MOAT_TIER={other}: the suite knows the tiers native and gvisor"),
+    })
+}
+
+/// Whether this run tests the gvisor tier.
+pub fn gvisor() -> bool {
+    tier() == "gvisor"
+}
+
 pub fn in_ci() -> bool {
     std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0")
 }

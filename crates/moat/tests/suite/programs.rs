@@ -207,7 +207,11 @@ fn bad_flags_are_explained() {
         Duration::from_secs(30),
     );
     assert_eq!(r.code, 125);
-    assert!(r.stderr.contains("native"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("write `native` or `gvisor`"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]

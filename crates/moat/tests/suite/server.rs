@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::daemon::{Answer, Daemon};
+use super::harness::tier;
 
 fn path(id: &str, rest: &str) -> String {
     format!("/v1/sandboxes/{id}{rest}")
@@ -88,7 +89,7 @@ fn lifecycle_create_get_list_exec_delete() {
     let sbx = a.json();
     let id = sbx["id"].as_str().unwrap().to_string();
     assert_eq!(sbx["state"], "running");
-    assert_eq!(sbx["tier"], "native");
+    assert_eq!(sbx["tier"], tier());
     assert_eq!(sbx["metadata"]["team"], "red");
     let exp = sbx["expires_at"].as_u64().unwrap() - sbx["created_at"].as_u64().unwrap();
     assert!((59_000..=61_000).contains(&exp), "ttl {exp}");
@@ -114,7 +115,7 @@ fn lifecycle_create_get_list_exec_delete() {
     assert_eq!(r["status"], "ok", "{r}");
     assert_eq!(r["exit_code"], 0);
     assert_eq!(r["stdout"], "hi from sandbox as 1000\n/work\n");
-    assert_eq!(r["sandbox"]["tier"], "native");
+    assert_eq!(r["sandbox"]["tier"], tier());
     assert!(r["sandbox"]["seccomp"].as_bool().unwrap());
 
     // State persists between execs in one sandbox, not across sandboxes.
@@ -131,6 +132,29 @@ fn lifecycle_create_get_list_exec_delete() {
     assert_eq!(gone.code(), "not_found");
     assert_eq!(d.api("DELETE", &path(&id, ""), None).status, 404);
     assert!(!d.state.join("sandboxes").join(&id).exists());
+}
+
+#[test]
+fn a_command_that_runs_the_sandbox_out_of_memory_is_reported_oom() {
+    let d = Daemon::start();
+    let id = d.create(json!({"policy": {"limits": {"memory": "64M"}}}));
+    let balloon =
+        "b = bytearray(); [b.extend(bytes(1 << 20)) for _ in range(400)]; print('survived')";
+    let r = exec(&d, &id, json!({"cmd": ["python3", "-c", balloon]}));
+    assert_eq!(r["status"], "oom", "{r}");
+    assert_eq!(r["signal"], 9, "{r}");
+    assert!(
+        r["message"].as_str().unwrap().contains("ran out of memory"),
+        "{r}"
+    );
+    assert!(!r["stdout"].as_str().unwrap().contains("survived"), "{r}");
+    if tier() == "native" {
+        // The sandbox lives on (its init and agent were not the OOM killer's choice)...
+        let again = exec(&d, &id, json!({"shell": "echo alive"}));
+        assert_eq!(again["stdout"], "alive\n", "{again}");
+    }
+    // ...and in the gvisor tier the host's OOM killer takes the sentry, which holds all of
+    // the sandbox's memory: the sandbox is gone, reported as above, nothing else to assert.
 }
 
 #[test]
