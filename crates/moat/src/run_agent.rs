@@ -125,6 +125,7 @@ pub fn run(
         policy.network.ca_pem = p.ca_pem.clone();
     }
     let timeout = policy.limits.timeout;
+    let memory = policy.limits.memory;
     let output_cap = policy.limits.output;
     let dir = socket_dir(&id)?;
     let socket = dir.join("agent.sock");
@@ -227,15 +228,16 @@ pub fn run(
             match ev {
                 Some(ExecEvent::Started { .. }) => {}
                 Some(ExecEvent::Stdout(b)) | Some(ExecEvent::Stderr(b)) if over => drop(b),
+                // Up to the cap and not a byte more, as `moat run` in the native tier.
                 Some(ExecEvent::Stdout(b)) => {
-                    counts.0 += b.len() as u64;
-                    over |= counts.0 > output_cap;
-                    emit(json, &mut out.0, &b, std::io::stdout());
+                    let keep = room(&mut counts.0, output_cap, b.len());
+                    over |= keep < b.len();
+                    emit(json, &mut out.0, &b[..keep], std::io::stdout());
                 }
                 Some(ExecEvent::Stderr(b)) => {
-                    counts.1 += b.len() as u64;
-                    over |= counts.1 > output_cap;
-                    emit(json, &mut out.1, &b, std::io::stderr());
+                    let keep = room(&mut counts.1, output_cap, b.len());
+                    over |= keep < b.len();
+                    emit(json, &mut out.1, &b[..keep], std::io::stderr());
                 }
                 Some(ExecEvent::Exit {
                     exit_code,
@@ -271,18 +273,30 @@ pub fn run(
     }
     let killed = sink.killed.load(Ordering::SeqCst);
     let (exit_code, signal, mut status) = end.unwrap_or((None, Some(9), Status::Killed));
+    // The same statuses and words as the native tier's one-shot run.
     let mut message = None;
-    if over {
+    let (mut exit_code, mut signal) = (exit_code, signal);
+    if status == Status::Timeout {
+        message = Some(format!(
+            "the command ran past its {} ms timeout; the sandbox was killed",
+            timeout.as_millis()
+        ));
+    } else if over {
         status = Status::OutputLimit;
-        message = Some(format!("output went over the {output_cap}-byte cap"));
+        message = Some(format!(
+            "output went over the {output_cap} byte cap; the sandbox was killed"
+        ));
     } else if killed {
         status = Status::PolicyDenied;
         message = Some("the sandbox was killed after too many denied connections".into());
-    } else if oom && status != Status::Timeout {
+    } else if oom && (signal == Some(libc::SIGKILL) || lost.is_some()) {
         status = Status::Oom;
-        message = Some("the sandbox ran out of memory".into());
-    } else if status == Status::Timeout {
-        message = Some(format!("timed out after {} ms", timeout.as_millis()));
+        exit_code = None;
+        signal = Some(libc::SIGKILL);
+        message = Some(format!(
+            "the sandbox ran out of its {} MiB memory limit and the kernel killed the command",
+            memory >> 20
+        ));
     }
     let cap = |v: Vec<u8>| {
         let mut v = v;
@@ -306,6 +320,13 @@ pub fn run(
         sandbox: Layers { ..layers },
     };
     Ok((result, events))
+}
+
+/// How much of a `len`-byte chunk fits under `cap` after `sent` bytes; counts it in.
+fn room(sent: &mut u64, cap: u64, len: usize) -> usize {
+    let keep = (cap.saturating_sub(*sent) as usize).min(len);
+    *sent += len as u64;
+    keep
 }
 
 /// Output: captured (`--json`) or written through.
