@@ -9,7 +9,7 @@ use moat_backend::cgroup::Cgroup;
 use moat_backend::{SpawnRequest, Spawned};
 use moat_egress::{ConnEvent, EgressSink};
 use moat_policy::Policy;
-use moat_server::agent_client::{AgentClient, ExecEvent, ExecSpec};
+use moat_server::agent_client::{AgentClient, ClientError, ExecEvent, ExecSpec};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -157,6 +157,8 @@ pub fn run(
         ..Sink::default()
     });
     let had_egress = prepared.is_some();
+    // The first of SIGINT, SIGTERM, SIGHUP, SIGQUIT that reached this process.
+    let mut killed_by: Option<i32> = None;
     let outcome = rt.block_on(async {
         let _pump = match prepared {
             Some(p) => {
@@ -174,10 +176,19 @@ pub fn run(
         let agent = AgentClient::connect(&socket)
             .await
             .map_err(|e| format!("the sandbox started but its agent did not answer: {e}"))?;
+        // SIGINT, SIGTERM, SIGHUP and SIGQUIT as in the native tier: the first is passed on
+        // to the command's process group, a second one stops the sandbox.
+        let mut signals = Signals::new()?;
         let mut spec = ExecSpec::new(argv);
         spec.stdin = true;
         spec.timeout_ms = Some(timeout.as_millis().min(u64::MAX as u128) as u64);
-        let mut exec = agent.exec(spec).await.map_err(|e| e.to_string())?;
+        let mut exec = match agent.exec(spec).await {
+            Ok(exec) => exec,
+            Err(e) => match not_started(&e) {
+                Some(failure) => return Ok(Ended::NotStarted(failure)),
+                None => return Err(e.to_string()),
+            },
+        };
         // Our stdin to the command's, on a thread of its own (a blocking read).
         let input = exec.stdin();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(4);
@@ -217,6 +228,7 @@ pub fn run(
         let mut counts = (0u64, 0u64);
         let mut over = false;
         let mut lost = None;
+        let mut started = false;
         let end = loop {
             let ev = tokio::select! {
                 ev = exec.next() => ev,
@@ -224,9 +236,19 @@ pub fn run(
                     let _ = exec.stdin().cancel();
                     break None;
                 }
+                sig = signals.next() => {
+                    if killed_by.is_some() {
+                        // The second signal: the sandbox is stopped (below, by its drop).
+                        let _ = exec.stdin().cancel();
+                        break None;
+                    }
+                    killed_by = Some(sig);
+                    let _ = exec.stdin().signal(sig).await;
+                    continue;
+                }
             };
             match ev {
-                Some(ExecEvent::Started { .. }) => {}
+                Some(ExecEvent::Started { .. }) => started = true,
                 Some(ExecEvent::Stdout(b)) | Some(ExecEvent::Stderr(b)) if over => drop(b),
                 // Up to the cap and not a byte more, as `moat run` in the native tier.
                 Some(ExecEvent::Stdout(b)) => {
@@ -247,6 +269,11 @@ pub fn run(
                 // The agent went away: in the gvisor tier that is how the host's OOM killer
                 // ends a sandbox (it kills the sentry); told apart below by the cgroup.
                 Some(ExecEvent::Failed(e)) => {
+                    if !started {
+                        if let Some(failure) = not_started(&e) {
+                            return Ok(Ended::NotStarted(failure));
+                        }
+                    }
                     lost = Some(e.to_string());
                     break None;
                 }
@@ -256,18 +283,50 @@ pub fn run(
                 let _ = exec.stdin().cancel();
             }
         };
-        Ok::<_, String>((end, out, counts, over, lost))
+        Ok::<_, String>(Ended::Ran {
+            end,
+            out,
+            counts,
+            over,
+            lost,
+        })
     });
     let cg = Cgroup::open(cgroup_paths.clone()).ok();
     let oom = cg.as_ref().is_some_and(|c| c.oom_kills() > 0);
     let cpu_ms = cg.as_ref().map_or(0, |c| c.stats().cpu_usec / 1000);
+    let max_rss_kb = peak_memory_kb(&cgroup_paths);
     if let Some(c) = cg {
         // Not ours to remove here: `sandbox`'s drop does it after the kill.
         let _ = c.into_paths();
     }
     drop(sandbox);
     let events = had_egress.then(|| sink.events.lock().map(|v| v.clone()).unwrap_or_default());
-    let (end, out, counts, over, lost) = outcome?;
+    let (end, out, counts, over, lost) = match outcome? {
+        Ended::Ran {
+            end,
+            out,
+            counts,
+            over,
+            lost,
+        } => (end, out, counts, over, lost),
+        // As the native tier's `execfail`: status error, the shell's exit code, the reason.
+        Ended::NotStarted((exit_code, message)) => {
+            let result = ExecResult {
+                stdout: String::new(),
+                stderr: String::new(),
+                exit_code,
+                signal: None,
+                status: Status::Error,
+                wall_ms: started_at.elapsed().as_millis() as u64,
+                cpu_ms,
+                max_rss_kb,
+                truncated: Truncated::default(),
+                message: Some(message),
+                sandbox: Layers { ..layers },
+            };
+            return Ok((result, events));
+        }
+    };
     if let (Some(e), false) = (&lost, oom) {
         return Err(format!("the sandbox's agent went away: {e}"));
     }
@@ -297,6 +356,9 @@ pub fn run(
             "the sandbox ran out of its {} MiB memory limit and the kernel killed the command",
             memory >> 20
         ));
+    } else if let Some(sig) = killed_by {
+        status = Status::Killed;
+        message = Some(format!("moat got signal {sig} and stopped the sandbox"));
     }
     let cap = |v: Vec<u8>| {
         let mut v = v;
@@ -311,7 +373,7 @@ pub fn run(
         status,
         wall_ms: started_at.elapsed().as_millis() as u64,
         cpu_ms,
-        max_rss_kb: 0,
+        max_rss_kb,
         truncated: Truncated {
             stdout: counts.0 > output_cap,
             stderr: counts.1 > output_cap,
@@ -320,6 +382,77 @@ pub fn run(
         sandbox: Layers { ..layers },
     };
     Ok((result, events))
+}
+
+/// How the exec through the agent ended.
+enum Ended {
+    /// The command ran: how it ended (`None`: the sandbox was stopped, or its agent went
+    /// away), its captured output and byte counts, whether it went over the output cap, and
+    /// why the agent was lost, if it was.
+    Ran {
+        end: Option<(Option<i32>, Option<i32>, Status)>,
+        out: (Vec<u8>, Vec<u8>),
+        counts: (u64, u64),
+        over: bool,
+        lost: Option<String>,
+    },
+    /// The command could not start: the shell's exit code for that, and the agent's reason.
+    NotStarted((Option<i32>, String)),
+}
+
+/// The agent's refusal to start a command (no such program, not executable), as the native
+/// tier's `execfail` reports it: the shell's exit code (127, 126) and the agent's words.
+fn not_started(e: &ClientError) -> Option<(Option<i32>, String)> {
+    match e {
+        ClientError::Agent { code, message } => match code.as_str() {
+            "not_found" => Some((Some(127), message.clone())),
+            "permission_denied" => Some((Some(126), message.clone())),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The signals `moat run` relays, as in the native tier.
+struct Signals {
+    streams: Vec<(i32, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    fn new() -> Result<Signals, String> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut streams = Vec::new();
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+            let s = signal(SignalKind::from_raw(sig))
+                .map_err(|e| format!("cannot handle signal {sig}: {e}"))?;
+            streams.push((sig, s));
+        }
+        Ok(Signals { streams })
+    }
+
+    /// The next of them to arrive.
+    async fn next(&mut self) -> i32 {
+        std::future::poll_fn(|cx| {
+            for (sig, s) in &mut self.streams {
+                if s.poll_recv(cx).is_ready() {
+                    return std::task::Poll::Ready(*sig);
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await
+    }
+}
+
+/// The sandbox's peak memory in KiB, from its cgroup (v1 `memory.max_usage_in_bytes`, v2
+/// `memory.peak`). In the gvisor tier the command's own rusage stays inside the sentry, so
+/// this is what `max_rss_kb` reports there: the whole sandbox's peak, the sentry included.
+fn peak_memory_kb(paths: &[PathBuf]) -> u64 {
+    paths
+        .iter()
+        .flat_map(|p| [p.join("memory.max_usage_in_bytes"), p.join("memory.peak")])
+        .find_map(|f| std::fs::read_to_string(f).ok()?.trim().parse::<u64>().ok())
+        .map_or(0, |b| b / 1024)
 }
 
 /// How much of a `len`-byte chunk fits under `cap` after `sent` bytes; counts it in.
