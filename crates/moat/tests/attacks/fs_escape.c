@@ -15,6 +15,7 @@
 #include <string.h>
 #include <sys/klog.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/syscall.h>
@@ -266,6 +267,10 @@ static int act_whoami(void) {
     while (f && fgets(line, sizeof line, f))
         if (!strncmp(line, "Cap", 3) || !strncmp(line, "NoNewPrivs", 10))
             fputs(line, stdout);
+    if (f)
+        fclose(f);
+    /* The same from the kernel itself (gVisor's /proc/self/status has no NoNewPrivs line). */
+    printf("prctl no_new_privs: %d\n", prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0));
     return 0;
 }
 
