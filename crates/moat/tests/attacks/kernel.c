@@ -221,19 +221,25 @@ static int do_personality(void) {
     return 0;
 }
 
-/* getpid through the i386 ABI: the filter kills the process (SIGSYS) on the architecture. */
+/* getpid through the i386 ABI: the filter kills the process (SIGSYS) on the architecture.
+ * %rdi is -1, which the i386 ABI ignores: where `int $0x80` reaches the x86_64 table instead
+ * (gVisor), 20 is writev(-1, ...), a deterministic EBADF, and 165 is mount, which the
+ * filter's x86_64 rules refuse. */
 static int do_int80(void) {
     ran("int80");
     long ret = 20; /* __NR_getpid in the i386 table */
-    __asm__ volatile("int $0x80" : "+a"(ret) : : "memory");
+    __asm__ volatile("int $0x80" : "+a"(ret) : "D"(-1L) : "memory");
     printf("int80: returned %ld\n", ret);
+    ret = 165; /* getresuid in the i386 table, mount in the x86_64 one */
+    __asm__ volatile("int $0x80" : "+a"(ret) : "D"(0L), "S"(0L), "d"(0L) : "memory");
+    printf("int80 165: returned %ld\n", ret);
     return 0;
 }
 
 static void *int80_thread(void *arg) {
     (void)arg;
     long ret = 20;
-    __asm__ volatile("int $0x80" : "+a"(ret) : : "memory");
+    __asm__ volatile("int $0x80" : "+a"(ret) : "D"(-1L) : "memory");
     return (void *)ret;
 }
 
@@ -246,6 +252,9 @@ static int do_int80_thread(void) {
         return 1;
     }
     sleep(2);
+    void *ret = NULL;
+    pthread_join(t, &ret);
+    printf("int80_thread: thread returned %ld\n", (long)ret);
     printf("int80_thread: main thread survived\n");
     return 0;
 }

@@ -189,6 +189,17 @@ fn personality_allows_only_the_query() {
     let Some(r) = kernel(&["personality"]) else {
         return;
     };
+    // Accepted outcome in the gvisor tier: runsc 20221219 implements no personality(2)
+    // and answers EINVAL to every call the filter lets through (the query); the three
+    // EPERMs show the filter decided first, as in the native tier.
+    let (query, now) = if gvisor() {
+        (
+            "personality query: EINVAL",
+            "personality now: 0xffffffffffffffff",
+        )
+    } else {
+        ("personality query: OK", "personality now: 0")
+    };
     assert_lines(
         &r,
         "personality",
@@ -196,17 +207,30 @@ fn personality_allows_only_the_query() {
             "personality READ_IMPLIES_EXEC: EPERM",
             "personality ADDR_NO_RANDOMIZE: EPERM",
             "personality PER_BSD: EPERM",
-            "personality query: OK",
-            "personality now: 0",
+            query,
+            now,
         ],
     );
 }
+
+/// Accepted outcome in the gvisor tier for `int $0x80`: gVisor has no i386 ABI. The
+/// instruction stops the workload's stub at the host's syscall entry (ptrace platform), the
+/// host kernel runs nothing, and the sentry takes the number as an x86_64 syscall, which
+/// moat's filter (installed inside gVisor, where every call is x86_64) judges like any
+/// other: 20 is writev(-1, ...) (EBADF, -9), 165 is mount (the filter's EPERM, -1). No
+/// i386 syscall table is reachable, so there is nothing for the architecture check to kill.
+const GVISOR_INT80: [&str; 2] = ["int80: returned -9", "int80 165: returned -1"];
 
 #[test]
 fn i386_int80_syscall_kills_the_process_with_sigsys() {
     let Some(r) = kernel(&["int80"]) else {
         return;
     };
+    if gvisor() {
+        // Accepted outcome in the gvisor tier: see GVISOR_INT80.
+        assert_lines(&r, "int80", &GVISOR_INT80);
+        return;
+    }
     // getpid through `int $0x80`: the architecture check kills before any rule is read.
     assert_killed_by_sigsys(&r, "int80");
 }
@@ -216,6 +240,19 @@ fn i386_int80_from_a_thread_kills_the_whole_process() {
     let Some(r) = kernel(&["int80_thread"]) else {
         return;
     };
+    if gvisor() {
+        // Accepted outcome in the gvisor tier: see GVISOR_INT80; the thread's call is
+        // writev(-1, ...), EBADF.
+        assert_lines(
+            &r,
+            "int80_thread",
+            &[
+                "int80_thread: thread returned -9",
+                "int80_thread: main thread survived",
+            ],
+        );
+        return;
+    }
     // KILL_PROCESS, not KILL_THREAD: the main thread never prints that it survived.
     assert_killed_by_sigsys(&r, "int80_thread");
 }
@@ -334,13 +371,20 @@ fn host_pids_cannot_be_signalled() {
         return;
     };
     // The host pid does not exist in the sandbox's pid namespace.
+    // Accepted outcome in the gvisor tier: runsc 20221219 has no pidfd_open (ENOSYS); the
+    // host pid does not exist in the sentry's pid namespace for the others either.
+    let pidfd = if gvisor() {
+        "pidfd_open host: ENOSYS"
+    } else {
+        "pidfd_open host: ESRCH"
+    };
     assert_lines(
         &r,
         "kill_host",
         &[
             "kill host 0: ESRCH",
             "kill host SIGKILL: ESRCH",
-            "pidfd_open host: ESRCH",
+            pidfd,
             "tgkill host: ESRCH",
             "kill -host SIGKILL: ESRCH",
         ],
