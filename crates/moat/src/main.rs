@@ -358,6 +358,12 @@ fn main() {
     {
         moat_backend::gvisor::agent_main()
     }
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == run_agent::WATCH_ARG)
+    {
+        std::process::exit(run_agent::watch_main());
+    }
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Run(a) => cmd_run(*a),

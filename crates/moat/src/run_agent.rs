@@ -54,19 +54,95 @@ impl EgressSink for Sink {
 struct Started {
     spawned: Spawned,
     dir: PathBuf,
+    /// The watcher that destroys the sandbox if this process dies first (see [`watch_main`]).
+    watcher: Option<std::process::Child>,
 }
 
 impl Drop for Started {
     fn drop(&mut self) {
-        let _ = moat_backend::destroy_spawned(&self.spawned);
-        if !self.spawned.cgroup_paths.is_empty() {
-            if let Ok(mut cg) = Cgroup::open(self.spawned.cgroup_paths.clone()) {
-                let _ = cg.kill_all();
-                let _ = cg.remove();
+        destroy(&self.spawned, &self.dir);
+        if let Some(mut w) = self.watcher.take() {
+            // Done: the watcher exits without touching anything.
+            if let Some(mut input) = w.stdin.take() {
+                let _ = input.write_all(WATCH_DONE);
             }
+            let _ = w.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Stops a sandbox and removes what it left: its processes, its cgroup, the socket's
+/// directory. Fine to repeat.
+fn destroy(spawned: &Spawned, dir: &std::path::Path) {
+    let _ = moat_backend::destroy_spawned(spawned);
+    if !spawned.cgroup_paths.is_empty() {
+        if let Ok(mut cg) = Cgroup::open(spawned.cgroup_paths.clone()) {
+            let _ = cg.kill_all();
+            let _ = cg.remove();
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The first argument that makes `moat` the watcher of a `moat run`'s sandbox.
+pub const WATCH_ARG: &str = "__moat-run-watch";
+/// What `moat run` writes to its watcher when it has destroyed the sandbox itself.
+const WATCH_DONE: &[u8] = b"done\n";
+
+/// What the watcher is told about the sandbox, as the first line of its stdin.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Watched {
+    spawned: Spawned,
+    dir: PathBuf,
+}
+
+/// The sandboxes behind an agent (the gvisor tier's runsc sandbox, the native tier's
+/// persistent init) outlive the process that started them, so a `moat run` killed by
+/// SIGKILL would leave its sandbox running. A watcher process (`moat-watch`, in a process
+/// group of its own so that a terminal's ^C does not reach it) holds the read end of a pipe
+/// from this process: at EOF without [`WATCH_DONE`] (this process died) it destroys the
+/// sandbox. None when it cannot be started (then only this process's own teardown is left).
+fn start_watcher(spawned: &Spawned, dir: &std::path::Path) -> Option<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().ok()?;
+    let line = serde_json::to_string(&Watched {
+        spawned: spawned.clone(),
+        dir: dir.to_path_buf(),
+    })
+    .ok()?;
+    let mut child = std::process::Command::new(exe)
+        .arg0("moat-watch")
+        .arg(WATCH_ARG)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .ok()?;
+    let input = child.stdin.as_mut()?;
+    if input.write_all(format!("{line}\n").as_bytes()).is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        return None;
+    }
+    Some(child)
+}
+
+/// `moat __moat-run-watch`: the watcher of [`start_watcher`]. Returns the exit code.
+pub fn watch_main() -> i32 {
+    let mut input = String::new();
+    let _ = std::io::stdin().lock().read_to_string(&mut input);
+    let Some((first, rest)) = input.split_once('\n') else {
+        return 1;
+    };
+    let Ok(w) = serde_json::from_str::<Watched>(first) else {
+        return 1;
+    };
+    if rest.as_bytes() != WATCH_DONE {
+        destroy(&w.spawned, &w.dir);
+    }
+    0
 }
 
 fn random_hex(n: usize) -> String {
@@ -144,7 +220,12 @@ pub fn run(
     };
     let layers = spawned.layers.clone();
     let cgroup_paths = spawned.cgroup_paths.clone();
-    let sandbox = Started { spawned, dir };
+    let watcher = start_watcher(&spawned, &dir);
+    let sandbox = Started {
+        spawned,
+        dir,
+        watcher,
+    };
 
     // From here on threads are fine: the sandbox is started.
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -314,6 +314,62 @@ impl Spawned {
     }
 }
 
+/// In the gvisor tier the workload's processes live inside the sentry, out of the host's
+/// sight (`processes_running` finds none of them): a test learns that the workload got to a
+/// point from a file it creates in a writable mount. Native runs add nothing.
+struct Beacon {
+    dir: PathBuf,
+    mount: String,
+}
+
+impl Beacon {
+    fn new(what: &str) -> Beacon {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch_dir(&format!("beacon-{what}"));
+        // Writable by the sandbox's user.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
+            .expect("chmod the beacon directory");
+        let mount = format!("{}:/beacon:rw", dir.display());
+        Beacon { dir, mount }
+    }
+
+    /// `moat run` flags that mount it (gvisor tier only).
+    fn flags(&self) -> Vec<&str> {
+        if gvisor() {
+            vec!["--mount", &self.mount]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Shell words that light it (gvisor tier only; `sep` follows them).
+    fn light(&self, sep: &str) -> String {
+        if gvisor() {
+            format!("touch /beacon/lit{sep}")
+        } else {
+            String::new()
+        }
+    }
+
+    fn lit(&self) -> bool {
+        self.dir.join("lit").exists()
+    }
+}
+
+/// Whether the sandbox's cgroup (the one `moat-*` directory in the fence) has processes.
+fn sandbox_cgroup_has_processes(fence: &OwnFence) -> bool {
+    fence.dirs().iter().any(|d| {
+        std::fs::read_dir(d).is_ok_and(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("moat-"))
+                .any(|e| {
+                    std::fs::read_to_string(e.path().join("cgroup.procs"))
+                        .is_ok_and(|p| !p.trim().is_empty())
+                })
+        })
+    })
+}
+
 /// Lines of `/proc/locks` held by any of `pids` (the lock's owner column).
 fn locks_held_by(pids: &[u32]) -> Vec<String> {
     std::fs::read_to_string("/proc/locks")
@@ -423,6 +479,21 @@ fn thousand_sandboxes_leave_the_host_as_it_was() {
     );
 }
 
+/// In the gvisor tier: shell words that wait (up to about 1.5 s) for the four background
+/// `sleep 600 M` of the fighting workload to run, seen in gVisor's /proc, and print how many
+/// ran. Nothing in the native tier, where the test sees them on the host.
+fn count_sleepers_inside(m: &str) -> String {
+    if !gvisor() {
+        return String::new();
+    }
+    format!(
+        "i=0; while :; do n=0; for c in /proc/[0-9]*/cmdline; do \
+         case \"$(tr '\\0' ' ' < $c 2>/dev/null)\" in 'sleep 600 {m} ') n=$((n+1));; esac; done; \
+         [ $n -ge 4 ] || [ $i -ge 30 ] && break; i=$((i+1)); sleep 0.05; done; \
+         echo sleepers $n; "
+    )
+}
+
 #[test]
 fn workload_that_fights_teardown_leaves_nothing() {
     let Some(fence) = OwnFence::new("fight") else {
@@ -437,7 +508,8 @@ fn workload_that_fights_teardown_leaves_nothing() {
          (setsid sleep 600 {m} &); \
          ( (sleep 600 {m} &) &); \
          sleep 600 {m} & \
-         echo started; exec sleep 600 {m}"
+         {}echo started; exec sleep 600 {m}",
+        count_sleepers_inside(&m)
     );
     let s = fence.moat(&[
         "run",
@@ -451,14 +523,20 @@ fn workload_that_fights_teardown_leaves_nothing() {
     ]);
     // While it runs: the sleepers are there (the attack really started).
     let (seen, _) = wait_until(Duration::from_secs(10), || {
-        processes_running(&format!("sleep 600 {m} ")).len() == 5
+        gvisor() || processes_running(&format!("sleep 600 {m} ")).len() == 5
     });
     let during = processes_with(&m);
     let e = s.finish(Duration::from_secs(30));
     let r = e.json();
     assert!(seen, "the five sleepers never all ran: {during:?}");
     assert_eq!(r.status, Status::Timeout, "{r:?}");
-    assert_eq!(r.stdout, "started\n");
+    if gvisor() {
+        // The sleepers live inside the sentry, out of the host's sight: the workload counts
+        // the four that run before it execs the fifth itself.
+        assert_eq!(r.stdout, "sleepers 4\nstarted\n");
+    } else {
+        assert_eq!(r.stdout, "started\n");
+    }
     assert_eq!(r.signal, Some(9));
     assert_eq!(e.code, 124);
     assert!(
@@ -476,21 +554,28 @@ fn sigkill_of_moat_kills_the_sandbox_and_the_next_run_sweeps_its_cgroup() {
         return;
     };
     let m = unique_sleep_fraction();
-    let s = fence.moat(&[
-        "run",
-        "--json",
-        "--timeout",
-        "60s",
-        "--",
-        "/bin/sh",
-        "-c",
-        &format!("sleep 600 {m} & exec sleep 600 {m}"),
-    ]);
+    let beacon = Beacon::new("sigkill");
+    let script = format!("sleep 600 {m} & {}exec sleep 600 {m}", beacon.light("; "));
+    let mut args = vec!["run", "--json", "--timeout", "60s"];
+    args.extend(beacon.flags());
+    args.extend(["--", "/bin/sh", "-c", &script]);
+    let s = fence.moat(&args);
     let moat_pid = s.pid();
     let (started, _) = wait_until(Duration::from_secs(10), || {
-        processes_running(&format!("sleep 600 {m} ")).len() == 2
+        if gvisor() {
+            beacon.lit()
+        } else {
+            processes_running(&format!("sleep 600 {m} ")).len() == 2
+        }
     });
     let during = processes_with(&m);
+    // In the gvisor tier moat's one child is the sandbox's watcher, `moat-watch`, which
+    // stops the sandbox (runsc's sentry and gofer, which runsc detaches) when moat dies.
+    let init_name: &[u8] = if gvisor() {
+        b"moat-watch\0"
+    } else {
+        b"moat-init\0"
+    };
     // moat's one child is the sandbox's init (it renames itself `moat-init`).
     let init_pid: u32 =
         std::fs::read_to_string(format!("/proc/{moat_pid}/task/{moat_pid}/children"))
@@ -506,23 +591,29 @@ fn sigkill_of_moat_kills_the_sandbox_and_the_next_run_sweeps_its_cgroup() {
     assert!(started, "the workload never started: {during:?}");
     assert_eq!(e.code, 128 + 9, "moat was not killed by SIGKILL");
     assert!(
-        init_cmdline.starts_with(b"moat-init\0"),
+        init_cmdline.starts_with(init_name),
         "moat's child {init_pid} is not init: {:?}",
         String::from_utf8_lossy(&init_cmdline)
     );
-    // moat itself and the two sleepers were there.
-    assert_eq!(during.len(), 3, "{during:?}");
+    if gvisor() {
+        // Only moat itself: the two sleepers live inside the sentry, out of the host's sight.
+        assert_eq!(during.len(), 1, "{during:?}");
+    } else {
+        // moat itself and the two sleepers were there.
+        assert_eq!(during.len(), 3, "{during:?}");
+    }
     assert!(during
         .iter()
         .any(|p| p.starts_with(&format!("{moat_pid}: "))));
     // init dies of its parent-death signal, and the kernel kills the rest of the pid
     // namespace with it.
     let init_alive = || {
-        std::fs::read(format!("/proc/{init_pid}/cmdline"))
-            .is_ok_and(|c| c.starts_with(b"moat-init\0"))
+        std::fs::read(format!("/proc/{init_pid}/cmdline")).is_ok_and(|c| c.starts_with(init_name))
     };
     let (gone, took) = wait_until(Duration::from_secs(2), || {
-        processes_with(&m).is_empty() && !init_alive()
+        processes_with(&m).is_empty()
+            && !init_alive()
+            && !(gvisor() && sandbox_cgroup_has_processes(&fence))
     });
     eprintln!("sandbox gone {took:?} after SIGKILL of moat");
     assert!(
@@ -533,6 +624,16 @@ fn sigkill_of_moat_kills_the_sandbox_and_the_next_run_sweeps_its_cgroup() {
     );
     // Its slot lock went with it.
     assert_eq!(locks_held_by(&[moat_pid]), Vec::<String>::new());
+    if gvisor() {
+        // The watcher removed the sandbox's cgroup too: nothing is left to sweep.
+        assert_eq!(fence.leftovers(), Vec::<String>::new());
+        let e = fence
+            .moat(&["run", "--", "/bin/true"])
+            .finish(Duration::from_secs(30));
+        assert_eq!(e.code, 0, "{}", e.stderr);
+        assert_eq!(fence.leftovers(), Vec::<String>::new());
+        return;
+    }
     // The sandbox's cgroup is left behind, empty...
     assert_eq!(fence.moat_cgroups().len(), 1, "{:?}", fence.leftovers());
     assert!(
@@ -556,22 +657,22 @@ fn ctrl_c_reaches_the_workload_and_the_result_says_killed() {
         return;
     };
     let m = unique_sleep_fraction();
+    let beacon = Beacon::new("sigint");
     let script = format!(
-        "trap 'echo GOT_SIGINT; exit 3' INT; echo ready; sleep 600 {m} & wait; echo not reached"
+        "trap 'echo GOT_SIGINT; exit 3' INT; echo ready; sleep 600 {m} & {}wait; echo not reached",
+        beacon.light("; ")
     );
-    let s = fence.moat(&[
-        "run",
-        "--json",
-        "--timeout",
-        "5s",
-        "--",
-        "/bin/sh",
-        "-c",
-        &script,
-    ]);
+    let mut args = vec!["run", "--json", "--timeout", "5s"];
+    args.extend(beacon.flags());
+    args.extend(["--", "/bin/sh", "-c", &script]);
+    let s = fence.moat(&args);
     // The trap is set before the sleeper starts.
     let (started, _) = wait_until(Duration::from_secs(10), || {
-        processes_running(&format!("sleep 600 {m} ")).len() == 1
+        if gvisor() {
+            beacon.lit()
+        } else {
+            processes_running(&format!("sleep 600 {m} ")).len() == 1
+        }
     });
     if started {
         s.signal("INT");
@@ -603,26 +704,38 @@ fn second_ctrl_c_kills_a_workload_that_ignores_sigint() {
         return;
     };
     let m = unique_sleep_fraction();
-    let script = format!("trap '' INT; echo ready; sleep 600 {m}; echo not reached");
-    let s = fence.moat(&[
-        "run",
-        "--json",
-        "--timeout",
-        "30s",
-        "--",
-        "/bin/sh",
-        "-c",
-        &script,
-    ]);
+    let beacon = Beacon::new("sigint2");
+    let script = format!(
+        "trap '' INT; echo ready; {}sleep 600 {m}; echo not reached",
+        beacon.light("; ")
+    );
+    let mut args = vec!["run", "--json", "--timeout", "30s"];
+    args.extend(beacon.flags());
+    args.extend(["--", "/bin/sh", "-c", &script]);
+    let s = fence.moat(&args);
     let (started, _) = wait_until(Duration::from_secs(10), || {
-        processes_running(&format!("sleep 600 {m} ")).len() == 1
+        if gvisor() {
+            beacon.lit()
+        } else {
+            processes_running(&format!("sleep 600 {m} ")).len() == 1
+        }
     });
     assert!(started, "the workload never started");
     let sleeper = processes_running(&format!("sleep 600 {m} "));
     s.signal("INT");
     // The first SIGINT is passed on, and ignored: the sandbox keeps running.
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(processes_running(&format!("sleep 600 {m} ")), sleeper);
+    if gvisor() {
+        // The sleeper lives inside the sentry: the sandbox still running is its cgroup still
+        // holding the sentry's processes.
+        assert!(
+            sandbox_cgroup_has_processes(&fence),
+            "the sandbox stopped at the first SIGINT: {:?}",
+            fence.leftovers()
+        );
+    } else {
+        assert_eq!(processes_running(&format!("sleep 600 {m} ")), sleeper);
+    }
     assert!(
         std::path::Path::new(&format!("/proc/{}", s.pid())).exists(),
         "moat ended at the first SIGINT"
