@@ -401,6 +401,19 @@ static void connect_to(const char *label, int family, int type, const struct soc
     close(fd);
 }
 
+static void ping_to(const char *label, int family, int proto, const struct sockaddr *sa,
+                    socklen_t len, unsigned char type) {
+    long fd = syscall(SYS_socket, (long)family, (long)(SOCK_DGRAM | SOCK_NONBLOCK), (long)proto);
+    report(label, fd);
+    if (fd < 0)
+        return;
+    unsigned char echo[8] = {type, 0, 0, 0, 0, 0, 0, 1};
+    char what[64];
+    snprintf(what, sizeof what, "%s sendto", label);
+    report(what, syscall(SYS_sendto, fd, echo, (long)sizeof echo, 0L, sa, (long)len));
+    close((int)fd);
+}
+
 static int do_egress(void) {
     ran("egress");
     struct sockaddr_in v4 = {.sin_family = AF_INET, .sin_port = htons(80)};
@@ -423,9 +436,10 @@ static int do_egress(void) {
     report("udp6 sendto [2001:db8::1]:53",
            syscall(SYS_sendto, (long)u, "x", 1L, 0L, &dns6, (long)sizeof dns6));
     close(u);
-    /* Ping sockets (ICMP without raw privilege), then raw ICMP. */
-    sock("icmp4 dgram", AF_INET, SOCK_DGRAM, IPPROTO_ICMP);
-    sock("icmp6 dgram", AF_INET6, SOCK_DGRAM, IPPROTO_ICMPV6);
+    /* Ping sockets (ICMP without raw privilege), then raw ICMP. Where a ping socket opens,
+     * an echo request to the documentation address shows whether it has a route. */
+    ping_to("icmp4 dgram", AF_INET, IPPROTO_ICMP, (struct sockaddr *)&v4, sizeof v4, 8);
+    ping_to("icmp6 dgram", AF_INET6, IPPROTO_ICMPV6, (struct sockaddr *)&v6, sizeof v6, 128);
     sock("icmp4 raw", AF_INET, SOCK_RAW, IPPROTO_ICMP);
     sock("icmp6 raw", AF_INET6, SOCK_RAW, IPPROTO_ICMPV6);
     return 0;
