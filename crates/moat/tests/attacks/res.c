@@ -7,6 +7,7 @@
  * host by command line.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -276,6 +277,38 @@ static int immortal(void) {
         if (p > 0)
             waitpid(p, NULL, 0);
     }
+    /* The proof, from inside, that the sleepers run: the processes that are copies of this
+     * one (same command line), and how many of them lead or sit in another session. */
+    char self_cmd[4096], cmd[4096];
+    ssize_t self_n = -1;
+    int fd = open("/proc/self/cmdline", O_RDONLY);
+    if (fd >= 0) {
+        self_n = read(fd, self_cmd, sizeof self_cmd);
+        close(fd);
+    }
+    int copies = 0, other_sessions = 0;
+    DIR *d = opendir("/proc");
+    struct dirent *e;
+    while (d && (e = readdir(d))) {
+        pid_t pid = (pid_t)atoi(e->d_name);
+        if (pid <= 0 || pid == getpid())
+            continue;
+        char p[64];
+        snprintf(p, sizeof p, "/proc/%d/cmdline", (int)pid);
+        int cfd = open(p, O_RDONLY);
+        if (cfd < 0)
+            continue;
+        ssize_t n = read(cfd, cmd, sizeof cmd);
+        close(cfd);
+        if (n == self_n && n > 0 && !memcmp(cmd, self_cmd, (size_t)n)) {
+            copies++;
+            if (getsid(pid) != getsid(0))
+                other_sessions++;
+        }
+    }
+    if (d)
+        closedir(d);
+    printf("immortal: sleepers %d, in other sessions %d\n", copies, other_sessions);
     printf("immortal: forked\n");
     fflush(stdout);
     for (;;)
