@@ -31,7 +31,8 @@
 //! - gVisor does not shield PID 1 from signals of its own namespace, so the agent keeps a
 //!   real and saved uid of its own ([`agent_real_uid`]) and acts on files with the sandbox
 //!   user's effective uid: the workload cannot kill, stop or ptrace it, nor open its
-//!   `/proc/1/mem`; `/proc/1/maps` and `/proc/1/environ` (only `PATH`) stay readable;
+//!   `/proc/1/mem`; `/proc/1/maps` and `/proc/1/environ` (runsc's `PATH` and `HOME=/root`
+//!   only) stay readable;
 //! - the workload's process limit is `RLIMIT_NPROC` inside gVisor; the cgroup bounds gVisor
 //!   itself ([`host_limits`]);
 //! - going over the memory limit is an OOM kill in the cgroup, which takes the whole sandbox
