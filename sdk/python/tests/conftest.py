@@ -130,5 +130,9 @@ def sandbox_pid(events: list) -> int:  # type: ignore[type-arg]
 
 def kill_agent(pid: int) -> None:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
-        assert f.read().split(b"\0")[0] == b"moat-agent", "the pid is not the sandbox's agent"
+        name = f.read().split(b"\0")[0]
+    # In the gvisor tier the sandbox's pid is its sentry (runsc-sandbox), whose death takes
+    # the agent inside with it; in the native tier it is the agent itself.
+    want = b"runsc-sandbox" if os.environ.get("MOAT_TIER") == "gvisor" else b"moat-agent"
+    assert name == want, "the pid is not the sandbox's agent"
     os.kill(pid, signal.SIGKILL)
