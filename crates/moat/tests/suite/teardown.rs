@@ -677,10 +677,12 @@ fn ctrl_c_reaches_the_workload_and_the_result_says_killed() {
             processes_running(&format!("sleep 600 {m} ")).len() == 1
         }
     });
+    let signalled = Instant::now();
     if started {
         s.signal("INT");
     }
     let e = s.finish(Duration::from_secs(30));
+    let after_signal = signalled.elapsed();
     assert!(started, "the workload never started");
     let r = e.json();
     assert_eq!(
@@ -696,7 +698,16 @@ fn ctrl_c_reaches_the_workload_and_the_result_says_killed() {
     );
     // The workload handled the signal and exited 3: the CLI passes its own exit code on.
     assert_eq!(e.code, 3);
-    assert!(r.wall_ms < 4000, "{r:?}");
+    if gvisor() {
+        // In the gvisor tier wall_ms also counts runsc's start, seconds on a loaded 2-core
+        // box: what must be short is the time from the signal to moat's end.
+        assert!(
+            after_signal < Duration::from_secs(3),
+            "{after_signal:?}: {r:?}"
+        );
+    } else {
+        assert!(r.wall_ms < 4000, "{r:?}");
+    }
     assert_eq!(processes_with(&m), Vec::<String>::new());
     assert_eq!(fence.leftovers(), Vec::<String>::new());
 }
