@@ -310,9 +310,17 @@ pub fn run(
         let mut over = false;
         let mut lost = None;
         let mut started = false;
+        // The agent enforces the timeout inside the sandbox; this is the host's own fence in
+        // case it cannot (a stuck or killed agent): the sandbox is stopped a little later.
+        let fence = tokio::time::sleep(timeout + std::time::Duration::from_secs(2));
+        tokio::pin!(fence);
         let end = loop {
             let ev = tokio::select! {
                 ev = exec.next() => ev,
+                () = &mut fence => {
+                    let _ = exec.stdin().cancel();
+                    break Some((None, Some(libc::SIGKILL), Status::Timeout));
+                }
                 () = sink.kill.notified() => {
                     let _ = exec.stdin().cancel();
                     break None;
@@ -372,6 +380,9 @@ pub fn run(
             lost,
         })
     });
+    // From the sandbox's start to the command's end, as in the native tier: the teardown
+    // that follows is not the command's time.
+    let wall_ms = started_at.elapsed().as_millis() as u64;
     let cg = Cgroup::open(cgroup_paths.clone()).ok();
     let oom = cg.as_ref().is_some_and(|c| c.oom_kills() > 0);
     let cpu_ms = cg.as_ref().map_or(0, |c| c.stats().cpu_usec / 1000);
@@ -398,7 +409,7 @@ pub fn run(
                 exit_code,
                 signal: None,
                 status: Status::Error,
-                wall_ms: started_at.elapsed().as_millis() as u64,
+                wall_ms,
                 cpu_ms,
                 max_rss_kb,
                 truncated: Truncated::default(),
@@ -452,7 +463,7 @@ pub fn run(
         exit_code,
         signal,
         status,
-        wall_ms: started_at.elapsed().as_millis() as u64,
+        wall_ms,
         cpu_ms,
         max_rss_kb,
         truncated: Truncated {
