@@ -356,7 +356,7 @@ pub fn spawn(req: &SpawnRequest) -> Result<Spawned, RunError> {
     let child = exec_runsc(&runsc, &args, st_w, log.as_raw_fd(), &procs_files)?;
     drop(log);
     trace(started, "runsc-forked");
-    let line = read_line(st_r.as_raw_fd(), READY_TIMEOUT);
+    let line = crate::native::read_line(st_r.as_raw_fd(), READY_TIMEOUT);
     trace(started, "agent-reported");
     // runsc run --detach exits once the container started; reap it if it is our child (a
     // spawner, which ignores SIGCHLD, has it reaped by the kernel).
@@ -711,43 +711,6 @@ fn wait_exit(pidfd: &OwnedFd, timeout: Duration) -> bool {
         let _ = sys::reap_pidfd(pidfd.as_raw_fd());
     }
     exited
-}
-
-/// One line from `fd` (without the newline); EOF first gives what was read.
-fn read_line(fd: RawFd, timeout: Duration) -> io::Result<String> {
-    let deadline = Instant::now() + timeout;
-    let mut line = Vec::new();
-    let mut b = [0u8; 512];
-    loop {
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .as_millis() as i32;
-        if left <= 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no report within {} s", timeout.as_secs()),
-            ));
-        }
-        let rev = sys::poll(&[(fd, libc::POLLIN)], left)?;
-        if rev[0] == 0 {
-            continue;
-        }
-        match sys::read(fd, &mut b) {
-            Ok(0) => return Ok(String::from_utf8_lossy(&line).into_owned()),
-            Ok(n) => {
-                line.extend_from_slice(&b[..n]);
-                if let Some(end) = line.iter().position(|&c| c == b'\n') {
-                    line.truncate(end);
-                    return Ok(String::from_utf8_lossy(&line).into_owned());
-                }
-                if line.len() > 64 << 10 {
-                    return Ok(String::from_utf8_lossy(&line).into_owned());
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 fn read_tail(path: &Path, max: usize) -> String {

@@ -579,7 +579,10 @@ pub fn spawn(req: &SpawnRequest) -> Result<Spawned, RunError> {
         let _ = fs::remove_file(&req.socket);
         Err(e)
     };
-    let line = match read_line(sandbox.st_r.as_raw_fd(), SPAWN_READY_TIMEOUT_MS) {
+    let line = match read_line(
+        sandbox.st_r.as_raw_fd(),
+        std::time::Duration::from_millis(SPAWN_READY_TIMEOUT_MS as u64),
+    ) {
         Ok(line) => line,
         Err(e) => return fail(sandbox, io_ctx("wait for the sandbox's agent")(e)),
     };
@@ -644,9 +647,10 @@ fn listen(path: &Path) -> Result<UnixListener, RunError> {
     Ok(listener)
 }
 
-/// Reads one status line from init (without the newline); EOF first gives "".
-fn read_line(fd: RawFd, timeout_ms: i32) -> io::Result<String> {
-    let deadline = Instant::now() + std::time::Duration::from_millis(timeout_ms as u64);
+/// Reads one status line from a sandbox's init or agent (without the newline), for both
+/// tiers; EOF first gives what was read ("" for nothing).
+pub(crate) fn read_line(fd: RawFd, timeout: std::time::Duration) -> io::Result<String> {
+    let deadline = Instant::now() + timeout;
     let mut line = Vec::new();
     let mut b = [0u8; 256];
     loop {
@@ -656,7 +660,7 @@ fn read_line(fd: RawFd, timeout_ms: i32) -> io::Result<String> {
         if left <= 0 {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                "init did not report within 30 s",
+                format!("no report within {} s", timeout.as_secs()),
             ));
         }
         let rev = sys::poll(&[(fd, libc::POLLIN)], left)?;
