@@ -1211,7 +1211,8 @@ fn enum_names_are_snake_case_in_json_and_in_the_database() {
         assert_eq!(serde_json::to_value(k).unwrap(), json!(k.as_str()));
         assert_eq!(k.as_str().parse::<EventKind>().unwrap(), *k);
     }
-    assert_eq!(EventKind::ALL.len(), 14);
+    assert_eq!(EventKind::ALL.len(), 15);
+    assert_eq!(EventKind::Egress.as_str(), "egress");
     assert_eq!(Scope::FilesRead.as_str(), "files_read");
     assert_eq!(EventKind::SandboxExpired.as_str(), "sandbox_expired");
     assert_eq!(
