@@ -50,7 +50,7 @@ use crate::cgroup::{self, Cgroup};
 use crate::native::{ExecEnv, RunError, SpawnRequest, Spawned};
 use crate::rootfs;
 use moat_api::Layers;
-use moat_policy::{Layer, Policy};
+use moat_policy::Policy;
 use moat_sys::process::{self as sys, Forked};
 use oci_spec::runtime as oci;
 use serde::{Deserialize, Serialize};
@@ -607,41 +607,12 @@ fn make_cgroup(
     id: &str,
     missing: &mut Vec<String>,
 ) -> Result<Option<Cgroup>, RunError> {
-    let mut host = cgroup::Host::detect();
-    if let Err(e) = host.resolve() {
-        let why = e.to_string();
-        host.parents.clear();
-        host.missing = cgroup::Controller::ALL
-            .iter()
-            .map(|c| (*c, why.clone()))
-            .collect();
+    let fix = "the gvisor tier puts runsc in a cgroup of moat's; run as root on a host with the \
+               memory, pids and cpu controllers, or set security.allow_missing = [\"cgroups\"]";
+    match crate::native::cgroup_host(policy, missing, fix)? {
+        Some(host) => crate::native::create_cgroup(&host, id, host_limits(policy)),
+        None => Ok(None),
     }
-    if !host.missing.is_empty() {
-        let reasons: Vec<String> = host
-            .missing
-            .iter()
-            .map(|(c, w)| format!("{}: {w}", c.name()))
-            .collect();
-        if !policy.security.allows_missing(Layer::Cgroups) {
-            return Err(RunError::Refused(format!(
-                "cgroup limits are not available here ({}): the gvisor tier puts runsc in a \
-                 cgroup of moat's; run as root on a host with the memory, pids and cpu \
-                 controllers, or set security.allow_missing = [\"cgroups\"]",
-                reasons.join("; ")
-            )));
-        }
-        missing.extend(reasons.into_iter().map(|r| format!("{r} limit")));
-        if host.parents.is_empty() {
-            return Ok(None);
-        }
-    }
-    Cgroup::create(&host, id, host_limits(policy))
-        .map(Some)
-        .map_err(|e| {
-            RunError::Setup(format!(
-                "{e} (set security.allow_missing = [\"cgroups\"] to run without limits)"
-            ))
-        })
 }
 
 /// Forks and executes runsc with stdin on /dev/null, stdout on `st_w`, stderr on `log`,

@@ -158,13 +158,14 @@ fn plan(policy: &Policy) -> Result<Plan, RunError> {
     })
 }
 
-/// Creates the sandbox's cgroup (or decides to go without, when the policy allows it).
-fn make_cgroup(
+/// The cgroup host a sandbox's cgroup goes under, or `None` when the host has no usable
+/// cgroups and the policy lets the sandbox go without them (what is missing is added to
+/// `missing`). When the policy does not, the refusal's reason ends with `fix`. Both tiers.
+pub(crate) fn cgroup_host(
     policy: &Policy,
-    name: &str,
-    persistent: bool,
     missing: &mut Vec<String>,
-) -> Result<Option<Cgroup>, RunError> {
+    fix: &str,
+) -> Result<Option<cgroup::Host>, RunError> {
     let mut host = cgroup::Host::detect();
     if let Err(e) = host.resolve() {
         // cgroup v2 with no usable place for sandbox cgroups: as good as missing.
@@ -183,10 +184,7 @@ fn make_cgroup(
                 .map(|(c, w)| format!("{}: {w}", c.name()))
                 .collect();
             return Err(RunError::Refused(format!(
-                "cgroup limits are not available here ({}): run as root, or on a cgroup v2 host \
-                 with delegation (e.g. `systemd-run --user --scope -p Delegate=yes moat run ...`), \
-                 or set security.allow_missing = [\"cgroups\"] to run without memory/pids/cpu \
-                 limits",
+                "cgroup limits are not available here ({}): {fix}",
                 reasons.join("; ")
             )));
         }
@@ -197,6 +195,35 @@ fn make_cgroup(
             return Ok(None);
         }
     }
+    Ok(Some(host))
+}
+
+/// Creates a sandbox's cgroup named `name` under `host` with `limits` (both tiers).
+pub(crate) fn create_cgroup(
+    host: &cgroup::Host,
+    name: &str,
+    limits: cgroup::Limits,
+) -> Result<Option<Cgroup>, RunError> {
+    Cgroup::create(host, name, limits).map(Some).map_err(|e| {
+        RunError::Setup(format!(
+            "{e} (set security.allow_missing = [\"cgroups\"] to run without limits)"
+        ))
+    })
+}
+
+/// Creates the sandbox's cgroup (or decides to go without, when the policy allows it).
+fn make_cgroup(
+    policy: &Policy,
+    name: &str,
+    persistent: bool,
+    missing: &mut Vec<String>,
+) -> Result<Option<Cgroup>, RunError> {
+    let fix = "run as root, or on a cgroup v2 host with delegation (e.g. `systemd-run --user \
+               --scope -p Delegate=yes moat run ...`), or set security.allow_missing = \
+               [\"cgroups\"] to run without memory/pids/cpu limits";
+    let Some(mut host) = cgroup_host(policy, missing, fix)? else {
+        return Ok(None);
+    };
     if sweep_due() {
         cgroup::sweep_stale(&host, stale_cgroup);
     }
@@ -207,7 +234,7 @@ fn make_cgroup(
         host.extra.clear();
     }
     let l = &policy.limits;
-    Cgroup::create(
+    create_cgroup(
         &host,
         name,
         cgroup::Limits {
@@ -216,12 +243,6 @@ fn make_cgroup(
             cpus: l.cpus,
         },
     )
-    .map(Some)
-    .map_err(|e| {
-        RunError::Setup(format!(
-            "{e} (set security.allow_missing = [\"cgroups\"] to run without limits)"
-        ))
-    })
 }
 
 /// How often a long-lived starter (the daemon's spawner) sweeps stale sandbox cgroups.
