@@ -269,31 +269,10 @@ where
         Err(_) if to_proxy => Ok(()),
         r => r,
     };
-    if let Err(reason) = host_check {
-        let _ = c.write_all(&answer(400, "Bad Request", &reason)).await;
-        sp.refused(&at, &Refusal::Denied { rule: None, reason });
+    let Some((allowed, upstream, addr)) =
+        admit(sp, &mut c, &at, (&host, port), host_check, over).await
+    else {
         return;
-    }
-    if let Some(r) = sp.limit_refusal(over) {
-        let _ = c.write_all(&answer_for(&r)).await;
-        sp.refused(&at, &r);
-        return;
-    }
-    let allowed = match sp.check(&host, port).await {
-        Ok(a) => a,
-        Err(r) => {
-            let _ = c.write_all(&answer_for(&r)).await;
-            sp.refused(&at, &r);
-            return;
-        }
-    };
-    let (upstream, addr) = match sp.connect(&allowed.addrs).await {
-        Ok(x) => x,
-        Err(r) => {
-            let _ = c.write_all(&answer_for(&r)).await;
-            sp.refused_with_rule(&at, &allowed.rule, &r);
-            return;
-        }
     };
     if c.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
         .await
@@ -312,6 +291,49 @@ where
     }
     sp.tunnel(&at, &host, &allowed.rule, c.into_prefixed(), upstream, addr)
         .await;
+}
+
+/// The checks every proxied request passes, in order: its Host header (`host_check`), the
+/// sandbox's connection and byte limits, the rules and the address guard, then the connect
+/// to a checked address. On a refusal the client gets its answer, the attempt its event,
+/// and `None` comes back.
+async fn admit<S>(
+    sp: &SandboxProxy,
+    c: &mut Conn<S>,
+    at: &Attempt,
+    (host, port): (&Host, u16),
+    host_check: Result<(), String>,
+    over: bool,
+) -> Option<(crate::Allowed, tokio::net::TcpStream, std::net::SocketAddr)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    if let Err(reason) = host_check {
+        let _ = c.write_all(&answer(400, "Bad Request", &reason)).await;
+        sp.refused(at, &Refusal::Denied { rule: None, reason });
+        return None;
+    }
+    if let Some(r) = sp.limit_refusal(over) {
+        let _ = c.write_all(&answer_for(&r)).await;
+        sp.refused(at, &r);
+        return None;
+    }
+    let allowed = match sp.check(host, port).await {
+        Ok(a) => a,
+        Err(r) => {
+            let _ = c.write_all(&answer_for(&r)).await;
+            sp.refused(at, &r);
+            return None;
+        }
+    };
+    match sp.connect(&allowed.addrs).await {
+        Ok((upstream, addr)) => Some((allowed, upstream, addr)),
+        Err(r) => {
+            let _ = c.write_all(&answer_for(&r)).await;
+            sp.refused_with_rule(at, &allowed.rule, &r);
+            None
+        }
+    }
 }
 
 /// Whether a Host header value names the proxy itself (the sandbox's loopback port).
@@ -452,31 +474,11 @@ where
         port,
         start,
     };
-    if let Err(reason) = check_host_header(&req, &host, port, 80) {
-        let _ = c.write_all(&answer(400, "Bad Request", &reason)).await;
-        sp.refused(&at, &Refusal::Denied { rule: None, reason });
+    let host_check = check_host_header(&req, &host, port, 80);
+    let Some((allowed, upstream, addr)) =
+        admit(sp, &mut c, &at, (&host, port), host_check, over).await
+    else {
         return;
-    }
-    if let Some(r) = sp.limit_refusal(over) {
-        let _ = c.write_all(&answer_for(&r)).await;
-        sp.refused(&at, &r);
-        return;
-    }
-    let allowed = match sp.check(&host, port).await {
-        Ok(a) => a,
-        Err(r) => {
-            let _ = c.write_all(&answer_for(&r)).await;
-            sp.refused(&at, &r);
-            return;
-        }
-    };
-    let (upstream, addr) = match sp.connect(&allowed.addrs).await {
-        Ok(x) => x,
-        Err(r) => {
-            let _ = c.write_all(&answer_for(&r)).await;
-            sp.refused_with_rule(&at, &allowed.rule, &r);
-            return;
-        }
     };
     let (head, _upgrade) = upstream_head(&req, authority, &origin);
     let head_req = req.method.eq_ignore_ascii_case("HEAD");
