@@ -1582,6 +1582,7 @@ impl Agent<'_> {
         let mut dead = Vec::new();
         let mut relayed = Vec::new();
         for (&id, c) in self.conns.iter_mut() {
+            let backed_up = c.proto.is_backed_up();
             while !c.dead && !c.proto.output().is_empty() {
                 match c.sock.write(c.proto.output()) {
                     Ok(0) => c.dead = true,
@@ -1590,6 +1591,12 @@ impl Agent<'_> {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(_) => c.dead = true,
                 }
+            }
+            if backed_up && !c.dead && !c.proto.is_backed_up() {
+                // A file being read waits while its connection is backed up, and no poll
+                // event wakes it: go round again at once rather than sleep with the
+                // connection drained (a stalled download).
+                self.busy = true;
             }
             if c.dead {
                 dead.push(id);
