@@ -139,6 +139,7 @@ pub struct App {
     pub spawners: Spawners,
     pub counters: Counters,
     pub cleaner: Cleaner,
+    pub pools: crate::pool::Pools,
 }
 
 /// The spawner processes (single-threaded, forked before the runtime started): one per CPU,
@@ -433,6 +434,17 @@ impl App {
             }
         }
         let ca_pem = egress.as_ref().and_then(|e| e.ca_pem.clone());
+        // A warm pool's sandbox when the policy is its tier's default and nothing is bound
+        // to this sandbox alone (secrets, a CA); its socket moves with its directory.
+        let pooled = self
+            .pools
+            .take(&policy, egress.is_none() && secrets.is_empty());
+        let dir = self.sandbox_dir(&id);
+        let socket = dir.join("agent.sock");
+        let pooled_runtime = pooled.as_ref().map(|r| RuntimeInfo {
+            agent_socket: socket.clone(),
+            ..r.runtime.clone()
+        });
         let now = now_ms();
         let record = SandboxRecord {
             id: id.clone(),
@@ -443,65 +455,27 @@ impl App {
             expires_at: now + ttl_s * 1000,
             metadata: metadata.clone(),
             policy_json: policy_json.to_string(),
-            runtime: None,
+            runtime: pooled_runtime.clone(),
             error: None,
         };
         {
             let record = record.clone();
-            db(self, move |s| s.insert_sandbox(&record)).await?;
+            let inserted = db(self, move |s| s.insert_sandbox(&record)).await;
+            if let (Err(e), Some(r)) = (&inserted, &pooled) {
+                let (d, rt) = (r.dir.clone(), r.runtime.clone());
+                let _ = tokio::task::spawn_blocking(move || crate::pool::discard(&d, &rt)).await;
+                return Err(e.clone());
+            }
+            inserted?;
         }
-        let dir = self.sandbox_dir(&id);
-        let socket = dir.join("agent.sock");
-        let spawned = {
-            let app = self.clone();
-            let dir = dir.clone();
-            let socket = socket.clone();
-            let policy_json = policy_json.clone();
-            tokio::task::spawn_blocking(move || -> Result<_, String> {
-                make_private_dir(&dir)?;
-                app.spawners.spawn(&policy_json, &socket, ca_pem.as_deref())
-            })
-            .await
-            .map_err(|e| ApiError::internal(format!("spawn task: {e}")))?
-        };
-        let spawned = match spawned {
-            Ok(s) => s,
-            Err(e) => {
-                self.counters
-                    .create_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                let id2 = id.clone();
-                let _ = db(self, move |s| s.delete_sandbox(&id2)).await;
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(ApiError::new(
-                    axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-                    "sandbox_failed",
-                    format!("cannot start the sandbox: {e}"),
-                ));
+        let (runtime, layers, agent) = match (pooled, pooled_runtime) {
+            (Some(r), Some(runtime)) => self.adopt(&id, r, runtime, &dir).await?,
+            _ => {
+                self.start_cold(&id, &policy_json, &socket, &dir, ca_pem)
+                    .await?
             }
         };
-        let runtime = RuntimeInfo {
-            init_pid: spawned.pid,
-            init_start_time: spawned.start_time,
-            agent_socket: socket.clone(),
-            cgroup_paths: spawned.cgroup_paths.clone(),
-            tier_state: spawned
-                .gvisor
-                .as_ref()
-                .and_then(|g| serde_json::to_value(g).ok()),
-        };
-        let agent = match AgentClient::connect(&socket).await {
-            Ok(a) => a,
-            Err(e) => {
-                kill_runtime(&runtime);
-                let id2 = id.clone();
-                let _ = db(self, move |s| s.delete_sandbox(&id2)).await;
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(ApiError::internal(format!(
-                    "the sandbox started but its agent did not answer: {e}"
-                )));
-            }
-        };
+        let pooled = record.runtime.is_some();
         {
             let id2 = id.clone();
             let rt = runtime.clone();
@@ -521,7 +495,7 @@ impl App {
             state: Mutex::new(SandboxState::Running),
             policy,
             runtime,
-            layers: spawned.layers,
+            layers,
             agent,
             lifecycle: tokio::sync::Mutex::new(()),
             egress: Mutex::new(None),
@@ -541,10 +515,111 @@ impl App {
             Some(&id),
             EventKind::SandboxCreated,
             json!({"tier": sbx.tier, "expires_at": record.expires_at, "metadata": sbx.metadata,
-                   "pid": sbx.runtime.init_pid}),
+                   "pid": sbx.runtime.init_pid, "pooled": pooled}),
         )
         .await?;
         Ok(sbx)
+    }
+
+    /// A pool's ready sandbox becomes sandbox `id`: its directory moves to the sandbox's.
+    async fn adopt(
+        self: &Arc<Self>,
+        id: &str,
+        r: crate::pool::Ready,
+        runtime: RuntimeInfo,
+        dir: &Path,
+    ) -> ApiResult<(RuntimeInfo, Layers, AgentClient)> {
+        let (from, to) = (r.dir.clone(), dir.to_path_buf());
+        let rt = r.runtime.clone();
+        let moved = tokio::task::spawn_blocking(move || {
+            let moved = to.parent().map_or(Ok(()), make_private_dir).and_then(|()| {
+                std::fs::rename(&from, &to)
+                    .map_err(|e| format!("move {} to {}: {e}", from.display(), to.display()))
+            });
+            match &moved {
+                // What the pool kept for a crashed daemon's successor; the registry has it now.
+                Ok(()) => {
+                    let _ = std::fs::remove_file(to.join("runtime.json"));
+                }
+                Err(_) => crate::pool::discard(&from, &rt),
+            }
+            moved
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("pool task: {e}")))?;
+        if let Err(e) = moved {
+            self.counters
+                .create_failures
+                .fetch_add(1, Ordering::Relaxed);
+            let id2 = id.to_string();
+            let _ = db(self, move |s| s.delete_sandbox(&id2)).await;
+            return Err(ApiError::internal(format!(
+                "cannot take a sandbox from the pool: {e}"
+            )));
+        }
+        Ok((runtime, r.layers, r.agent))
+    }
+
+    /// Starts sandbox `id` (no pool): spawns it and connects to its agent.
+    async fn start_cold(
+        self: &Arc<Self>,
+        id: &str,
+        policy_json: &Value,
+        socket: &Path,
+        dir: &Path,
+        ca_pem: Option<String>,
+    ) -> ApiResult<(RuntimeInfo, Layers, AgentClient)> {
+        let id = id.to_string();
+        let spawned = {
+            let app = self.clone();
+            let dir = dir.to_path_buf();
+            let socket = socket.to_path_buf();
+            let policy_json = policy_json.clone();
+            tokio::task::spawn_blocking(move || -> Result<_, String> {
+                make_private_dir(&dir)?;
+                app.spawners.spawn(&policy_json, &socket, ca_pem.as_deref())
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("spawn task: {e}")))?
+        };
+        let spawned = match spawned {
+            Ok(s) => s,
+            Err(e) => {
+                self.counters
+                    .create_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                let id2 = id.clone();
+                let _ = db(self, move |s| s.delete_sandbox(&id2)).await;
+                let _ = std::fs::remove_dir_all(dir);
+                return Err(ApiError::new(
+                    axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                    "sandbox_failed",
+                    format!("cannot start the sandbox: {e}"),
+                ));
+            }
+        };
+        let runtime = RuntimeInfo {
+            init_pid: spawned.pid,
+            init_start_time: spawned.start_time,
+            agent_socket: socket.to_path_buf(),
+            cgroup_paths: spawned.cgroup_paths.clone(),
+            tier_state: spawned
+                .gvisor
+                .as_ref()
+                .and_then(|g| serde_json::to_value(g).ok()),
+        };
+        match AgentClient::connect(socket).await {
+            Ok(a) => Ok((runtime, spawned.layers, a)),
+            Err(e) => {
+                kill_runtime(&runtime);
+                let id2 = id.clone();
+                let _ = db(self, move |s| s.delete_sandbox(&id2)).await;
+                let _ = std::fs::remove_dir_all(dir);
+                Err(ApiError::internal(format!(
+                    "the sandbox started but its agent did not answer: {e}"
+                )))
+            }
+        }
     }
 
     /// Destroys a sandbox: kills its init (the kernel kills everything else in it), removes
@@ -818,7 +893,7 @@ fn with_cgroup<T>(paths: &[PathBuf], f: impl FnOnce(&Cgroup) -> T) -> Option<T> 
 
 /// Kills a sandbox's init and everything left in its cgroup, then removes the cgroup; safe
 /// to call for a sandbox already gone.
-fn kill_runtime(rt: &RuntimeInfo) {
+pub(crate) fn kill_runtime(rt: &RuntimeInfo) {
     kill_init(rt);
     remove_cgroup(rt);
 }
@@ -831,7 +906,7 @@ fn kill_init(rt: &RuntimeInfo) {
 }
 
 /// The backend's view of a stored sandbox, for the tier-dispatching calls.
-fn spawned_of(rt: &RuntimeInfo) -> moat_backend::Spawned {
+pub(crate) fn spawned_of(rt: &RuntimeInfo) -> moat_backend::Spawned {
     moat_backend::Spawned {
         pid: rt.init_pid,
         start_time: rt.init_start_time,
@@ -854,7 +929,7 @@ fn remove_cgroup(rt: &RuntimeInfo) {
     }
 }
 
-fn make_private_dir(dir: &Path) -> Result<(), String> {
+pub(crate) fn make_private_dir(dir: &Path) -> Result<(), String> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)

@@ -776,7 +776,27 @@ async fn prometheus(State(app): State<Arc<App>>) -> Response {
             by_state.get(st).copied().unwrap_or(0)
         ));
     }
+    out.push_str(
+        "# HELP moat_pool_ready Ready sandboxes in each tier's warm pool.\n# TYPE moat_pool_ready gauge\n",
+    );
+    for p in &app.pools.tiers {
+        out.push_str(&format!(
+            "moat_pool_ready{{tier=\"{}\"}} {}\n",
+            p.tier.as_str(),
+            app.pools.ready(p.tier)
+        ));
+    }
     let counters = [
+        (
+            "moat_pool_hits_total",
+            "Creates served by a warm pool's ready sandbox.",
+            &app.pools.hits,
+        ),
+        (
+            "moat_pool_misses_total",
+            "Creates of a pooled tier that started a sandbox cold (another policy, or none ready).",
+            &app.pools.misses,
+        ),
         (
             "moat_sandboxes_created_total",
             "Sandboxes created.",

@@ -18,6 +18,7 @@ mod files;
 pub mod http;
 pub mod mcp;
 mod openapi;
+pub mod pool;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,6 +43,8 @@ pub struct ServeConfig {
     pub egress: moat_egress::Operator,
     /// The tier of a sandbox whose create call and policy name none. Default `native`.
     pub default_tier: moat_policy::Tier,
+    /// Warm pools: how many ready sandboxes of its default policy to keep per tier.
+    pub pools: Vec<(moat_policy::Tier, usize)>,
 }
 
 /// Why the daemon could not start or stopped.
@@ -120,6 +123,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let proxy = runtime
         .block_on(async { moat_egress::Proxy::new(cfg.egress.clone()) })
         .map_err(|e| ServeError::Runtime(format!("cannot start the egress proxy: {e}")))?;
+    let pools = pool::Pools::new(&cfg.pools).map_err(ServeError::Runtime)?;
     let app = Arc::new(app::App {
         proxy,
         cfg: cfg.clone(),
@@ -129,6 +133,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         spawners: app::Spawners::new(spawners),
         counters: Default::default(),
         cleaner,
+        pools,
     });
     runtime.block_on(run(app))
 }
@@ -149,6 +154,16 @@ async fn run(app: Arc<app::App>) -> Result<(), ServeError> {
     })()
     .map_err(|source| ServeError::Listen { addr, source })?;
     let attached = app.reattach().await.map_err(ServeError::Runtime)?;
+    let swept = {
+        let app = app.clone();
+        tokio::task::spawn_blocking(move || pool::sweep_leftovers(&app))
+            .await
+            .unwrap_or(0)
+    };
+    if swept > 0 {
+        eprintln!("moat: destroyed {swept} ready pool sandboxes a previous daemon left");
+    }
+    let fillers = pool::start(&app);
     let local = listener.local_addr().unwrap_or(addr);
     eprintln!(
         "moat: serving http://{local} (state {}, {attached} sandboxes re-attached)",
@@ -196,6 +211,8 @@ async fn run(app: Arc<app::App>) -> Result<(), ServeError> {
         } => {}
     }
     reaper.abort();
+    // The pools' ready sandboxes are the daemon's alone: they go with it.
+    pool::stop(&app, fillers).await;
     // Sandboxes keep running: a new daemon re-attaches to them.
     eprintln!("moat: stopped; sandboxes keep running until they expire or a daemon deletes them");
     Ok(())

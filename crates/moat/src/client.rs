@@ -102,8 +102,13 @@ pub struct ServeArgs {
     /// The tier of sandboxes whose create call names none: `native` or `gvisor`.
     #[arg(long, env = "MOAT_TIER", default_value = "native", value_name = "TIER")]
     pub default_tier: String,
+    /// Keep N ready sandboxes of TIER's default policy (`native=4`, `gvisor=2`), so that a
+    /// create with that policy starts none. Repeatable; the most per tier is 64.
+    #[arg(long, value_name = "TIER=N")]
+    pub pool: Vec<String>,
     /// Config file (TOML) with an `[egress]` table: `allow_cidrs`, `hosts`, `dns`,
-    /// `ca_files` (as the --egress-* flags, which add to it).
+    /// `ca_files` (as the --egress-* flags, which add to it), and a `[pool]` table of
+    /// `TIER = N` (the --pool flags override it).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
@@ -115,6 +120,41 @@ pub struct ServeArgs {
 #[serde(deny_unknown_fields, default)]
 struct ServeFile {
     egress: crate::egress_args::EgressConfig,
+    pool: std::collections::BTreeMap<String, usize>,
+}
+
+/// `--pool TIER=N` flags over the config file's `[pool]` table.
+fn pool_sizes(
+    file: &std::collections::BTreeMap<String, usize>,
+    flags: &[String],
+) -> std::result::Result<Vec<(moat_policy::Tier, usize)>, String> {
+    let mut sizes: Vec<(moat_policy::Tier, usize)> = Vec::new();
+    let mut set = |tier: &str, n: usize, what: &str| -> std::result::Result<(), String> {
+        let tier = moat_policy::Tier::parse(tier).map_err(|e| format!("{what}: {e}"))?;
+        if n > moat_server::pool::MAX_POOL {
+            return Err(format!(
+                "{what}: {n} is more than the {} ready sandboxes a pool may keep",
+                moat_server::pool::MAX_POOL
+            ));
+        }
+        sizes.retain(|(t, _)| *t != tier);
+        sizes.push((tier, n));
+        Ok(())
+    };
+    for (tier, &n) in file {
+        set(tier, n, "[pool]")?;
+    }
+    for f in flags {
+        let (tier, n) = f
+            .split_once('=')
+            .ok_or_else(|| format!("--pool {f}: write TIER=N, e.g. --pool gvisor=2"))?;
+        let n: usize = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("--pool {f}: N must be a whole number, e.g. --pool gvisor=2"))?;
+        set(tier.trim(), n, &format!("--pool {f}"))?;
+    }
+    Ok(sizes)
 }
 
 #[derive(Args)]
@@ -580,6 +620,7 @@ pub fn print_json(v: &Value) {
 // ---------------------------------------------------------------------------------------------
 
 fn serve(mut a: ServeArgs) -> i32 {
+    let mut pool_file = Default::default();
     if let Some(path) = &a.config {
         let file = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))
@@ -587,7 +628,10 @@ fn serve(mut a: ServeArgs) -> i32 {
                 toml::from_str::<ServeFile>(&t).map_err(|e| format!("{}: {e}", path.display()))
             });
         match file {
-            Ok(f) => a.egress.merge(f.egress),
+            Ok(f) => {
+                a.egress.merge(f.egress);
+                pool_file = f.pool;
+            }
             Err(e) => {
                 eprintln!("moat serve: --config {e}");
                 return 2;
@@ -608,8 +652,16 @@ fn serve(mut a: ServeArgs) -> i32 {
             return 2;
         }
     };
+    let pools = match pool_sizes(&pool_file, &a.pool) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("moat serve: {e}");
+            return 2;
+        }
+    };
     let cfg = moat_server::ServeConfig {
         default_tier,
+        pools,
         listen: a.listen,
         state_dir: a.state_dir.unwrap_or_else(default_state_dir),
         default_ttl_s: a.default_ttl,

@@ -162,6 +162,20 @@ impl Daemon {
         }
     }
 
+    /// SIGTERM, and the daemon's exit status once it has stopped.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("the daemon runs");
+        let _ = moat_sys::process::kill(c.id() as i32, libc::SIGTERM);
+        c.wait().expect("wait for moat serve")
+    }
+
+    /// Prometheus `/metrics` sample `name` (with its labels), when there is one.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let text = self.api("GET", "/metrics", None).text();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
     /// A new daemon on the same state directory and port.
     pub fn restart(&mut self) {
         self.kill9();

@@ -9,6 +9,7 @@ pub mod harness;
 mod info_leaks;
 mod mcp;
 mod modes;
+mod pool;
 mod programs;
 mod sdk_python;
 mod sdk_typescript;
