@@ -19,6 +19,9 @@ Run as root (runsc needs it). Measures, in this order:
 4. exec round trip on a warm sandbox (one per tier, kept-alive HTTP connection), against
    `runsc exec` into a running `runsc run --detach` container (root `/` read-only, `sleep`):
    every round runs each once, rotating.
+5. daemon, warm pool: a second `moat serve --pool gvisor=1 --pool native=1`; each round, in a
+   rotating order, once both pools are full again (untimed): create -> first exec -> DELETE
+   of each tier (every create must be a pool hit), and `runsc --network=none do true`.
 
 A gvisor sandbox is checked to really be gVisor (/proc/version in it differs from the host's),
 and after the daemon stops the runsc processes and state directories under /run/moat/gvisor
@@ -97,10 +100,11 @@ def free_port():
     return p
 
 
-def start_daemon(moat):
+def start_daemon(moat, extra=()):
     state = tempfile.mkdtemp(prefix="moat-bench-gvisor-")
     port = free_port()
-    proc = subprocess.Popen([moat, "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", state],
+    proc = subprocess.Popen([moat, "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", state,
+                             *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(500):
         try:
@@ -348,7 +352,76 @@ def main():
         time.sleep(1)
         left = gvisor_ids(prefixes) if prefixes else None
         shutil.rmtree(state, ignore_errors=True)
+    # 5. The daemon with warm pools.
+    proc, port, key, state = start_daemon(moat, ["--pool", "gvisor=1", "--pool", "native=1"])
+    try:
+        c = Client(port, key)
+
+        def ready(tier):
+            c.conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {c.key}"})
+            text = c.conn.getresponse().read().decode()
+            for line in text.splitlines():
+                if line.startswith(f'moat_pool_ready{{tier="{tier}"}} '):
+                    return int(float(line.split()[-1]))
+            return 0
+
+        def full():
+            t0 = time.time()
+            while not (ready("gvisor") >= 1 and ready("native") >= 1):
+                if time.time() - t0 > 60:
+                    raise SystemExit("the warm pools did not fill in 60 s")
+                time.sleep(0.005)
+
+        pf = {k: [] for k in ("gvisor create", "gvisor both", "native create", "native both",
+                              "runsc do")}
+        hits = 0
+        for r in range(a.warmup + a.rounds):
+            for k in rotate(["gvisor", "native", "runsc"], r):
+                full()
+                if k == "runsc":
+                    t = once([runsc, "--network=none", "do", "true"], cwd=scratch)
+                    if r >= a.warmup:
+                        pf["runsc do"].append(t)
+                    continue
+                t0 = time.perf_counter_ns()
+                sb = c.call("POST", "/v1/sandboxes", {"tier": k})
+                t1 = time.perf_counter_ns()
+                x = c.call("POST", f"/v1/sandboxes/{sb['id']}/exec", {"cmd": ["true"]})
+                t2 = time.perf_counter_ns()
+                if x.get("exit_code") != 0:
+                    raise SystemExit(f"{k}: exec true: {x}")
+                c.call("DELETE", f"/v1/sandboxes/{sb['id']}")
+                hits += 1
+                if r >= a.warmup:
+                    pf[f"{k} create"].append((t1 - t0) / 1e6)
+                    pf[f"{k} both"].append((t2 - t0) / 1e6)
+        c.conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {c.key}"})
+        text = c.conn.getresponse().read().decode()
+        got = next(int(float(l.split()[-1])) for l in text.splitlines()
+                   if l.startswith("moat_pool_hits_total "))
+        if got != hits:
+            raise SystemExit(f"{hits} creates but {got} pool hits: the pool figures are not pooled")
+        results["pool_hits"] = got
+        results["pool_create_first_exec"] = [
+            summary("gvisor, pool: create -> first exec done", pf["gvisor both"]),
+            summary("  of which create (POST /v1/sandboxes)", pf["gvisor create"]),
+            summary("native, pool: create -> first exec done", pf["native both"]),
+            summary("  of which create (POST /v1/sandboxes)", pf["native create"]),
+            summary("runsc --network=none do true", pf["runsc do"])]
+        prefixes = [f"moat-g{q:x}-" for q in descendants(proc.pid)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        time.sleep(1)
+        pool_left = gvisor_ids(prefixes)
+        shutil.rmtree(state, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
+    results["pool_gvisor_ids_left_after_stop"] = pool_left
+    print("warm pool done", file=sys.stderr, flush=True)
+
     results["gvisor_ids_while_warm"] = live
     results["gvisor_ids_left_after_stop"] = left
     results["load"].append(" ".join(loadavg()))
@@ -388,7 +461,17 @@ def main():
           "| figure | median ms | p90 ms | p99 ms | median / runsc exec | p99 / runsc exec |",
           "|---|---|---|---|---|---|"]
     L += [row(r, er[-1]) for r in er]
-    L += ["", f"Target: gvisor create -> first exec <= 1.1 x `runsc do true`: median {ratio:.2f} x, "
+    pce = results["pool_create_first_exec"]
+    pratio = pce[0]["median_ms"] / pce[-1]["median_ms"]
+    L += ["", f"Daemon, warm pool (`--pool gvisor=1 --pool native=1`, {results['pool_hits']} creates, "
+          "all pool hits; timed once both pools were full again):", "",
+          "| figure | median ms | p90 ms | p99 ms | median / runsc do | p99 / runsc do |",
+          "|---|---|---|---|---|---|"]
+    L += [row(r, pce[-1]) for r in pce]
+    L += ["", f"Target: gvisor create -> first exec <= 1.1 x `runsc do true`: from a warm pool "
+          f"median {pratio:.2f} x, p99 {pce[0]['p99_ms'] / pce[-1]['p99_ms']:.2f} x: "
+          f"{'met' if pratio <= 1.1 else 'not met'}; without a pool "
+          f"median {ratio:.2f} x, "
           f"p99 {ratio99:.2f} x: {'met' if ratio <= 1.1 else 'not met'} (one-shot `moat run --tier "
           f"gvisor`: {ratio1:.2f} x). Price of the stronger tier: create -> first exec "
           f"{cfe[0]['median_ms'] / cfe[3]['median_ms']:.1f} x native, warm exec "
@@ -396,7 +479,8 @@ def main():
           f"gVisor checked: /proc/version in a gvisor sandbox is `{results['gvisor_proc_version'][:60]}`; "
           f"runsc ids of the daemon's warm gvisor sandbox seen while it ran: {len(live)}, "
           f"runsc processes or state directories of the daemon's left after it stopped: "
-          f"{len(left) if left is not None else '?'}."]
+          f"{len(left) if left is not None else '?'} (the pooled daemon's, ready sandboxes "
+          f"included: {len(pool_left)})."]
     table = "\n".join(L)
     print()
     print(table)
