@@ -162,8 +162,12 @@ fn a_pool_serves_creates_of_its_default_policy_and_refills() {
 }
 
 #[test]
-fn a_killed_daemon_s_ready_sandboxes_are_destroyed_at_the_next_start() {
+fn a_killed_daemon_s_ready_sandboxes_are_destroyed_and_its_taken_ones_reattached() {
     let mut d = Daemon::start_with(&["--pool", &format!("{}=1", tier())]);
+    wait_ready(&d, 1.0);
+    // One taken from the pool before the kill: a sandbox like any other, re-attached.
+    let kept = d.create(json!({}));
+    assert_eq!(d.sh(&kept, "echo before > /work/f")["exit_code"], 0);
     wait_ready(&d, 1.0);
     let before = ready_dirs(&d.state);
     assert_eq!(before.len(), 1);
@@ -185,6 +189,14 @@ fn a_killed_daemon_s_ready_sandboxes_are_destroyed_at_the_next_start() {
             .contains("moat: destroyed 1 ready pool sandboxes a previous daemon left"),
         "{}",
         d.log()
+    );
+    assert!(d.log().contains("1 sandboxes re-attached"), "{}", d.log());
+    let r = d.sh(&kept, "cat /work/f");
+    assert_eq!(r["stdout"], "before\n", "{r}");
+    assert_eq!(
+        d.api("DELETE", &format!("/v1/sandboxes/{kept}"), None)
+            .status,
+        204
     );
     wait_ready(&d, 1.0);
     let after = ready_dirs(&d.state);
