@@ -50,6 +50,14 @@ impl EgressSink for Sink {
     }
 }
 
+/// `MOAT_TRACE=1`: where a one-shot's time goes after the start (`moat-trace: run PHASE
+/// MICROS`, since `moat run` began).
+fn trace(started: Instant, phase: &str) {
+    if std::env::var_os("MOAT_TRACE").is_some_and(|v| v == "1") {
+        eprintln!("moat-trace: run {phase} {}", started.elapsed().as_micros());
+    }
+}
+
 /// A started sandbox, destroyed on drop.
 struct Started {
     spawned: Spawned,
@@ -218,9 +226,11 @@ pub fn run(
             });
         }
     };
+    trace(started_at, "spawned");
     let layers = spawned.layers.clone();
     let cgroup_paths = spawned.cgroup_paths.clone();
     let watcher = start_watcher(&spawned, &dir);
+    trace(started_at, "watcher-started");
     let sandbox = Started {
         spawned,
         dir,
@@ -257,6 +267,7 @@ pub fn run(
         let agent = AgentClient::connect(&socket)
             .await
             .map_err(|e| format!("the sandbox started but its agent did not answer: {e}"))?;
+        trace(started_at, "connected");
         // SIGINT, SIGTERM, SIGHUP and SIGQUIT as in the native tier: the first is passed on
         // to the command's process group, a second one stops the sandbox.
         let mut signals = Signals::new()?;
@@ -383,6 +394,7 @@ pub fn run(
     // From the sandbox's start to the command's end, as in the native tier: the teardown
     // that follows is not the command's time.
     let wall_ms = started_at.elapsed().as_millis() as u64;
+    trace(started_at, "command-done");
     let cg = Cgroup::open(cgroup_paths.clone()).ok();
     let oom = cg.as_ref().is_some_and(|c| c.oom_kills() > 0);
     let cpu_ms = cg.as_ref().map_or(0, |c| c.stats().cpu_usec / 1000);
@@ -392,6 +404,7 @@ pub fn run(
         let _ = c.into_paths();
     }
     drop(sandbox);
+    trace(started_at, "destroyed");
     let events = had_egress.then(|| sink.events.lock().map(|v| v.clone()).unwrap_or_default());
     let (end, out, counts, over, lost) = match outcome? {
         Ended::Ran {
