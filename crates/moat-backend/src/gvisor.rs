@@ -782,14 +782,22 @@ fn teardown(state: &GvisorState, sentry: Option<(u32, u64)>) -> io::Result<()> {
             }
         }
     }
+    let mut others = Vec::new();
     for (pid, _) in runsc_procs(state) {
         if let Ok(fd) = sys::pidfd_open(pid as libc::pid_t) {
             let _ = sys::pidfd_kill(fd.as_raw_fd(), libc::SIGKILL);
+            others.push(fd);
         }
     }
     let mut result = Ok(());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // The gofer and runsc's own processes take a moment to die too: waiting for them here
+    // spares the `runsc delete --force` below (a second runsc start, up to a second here).
+    for fd in &others {
+        wait_exit(fd, deadline.saturating_duration_since(Instant::now()));
+    }
     if let Some(fd) = pidfd {
-        if !wait_exit(&fd, Duration::from_secs(5)) {
+        if !wait_exit(&fd, deadline.saturating_duration_since(Instant::now())) {
             result = Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
