@@ -645,7 +645,11 @@ fn serve(mut a: ServeArgs) -> i32 {
             return 2;
         }
     };
-    let default_tier = match moat_policy::Tier::parse(&a.default_tier) {
+    // An empty $MOAT_TIER means unset, as for `moat run`.
+    let tier = Some(a.default_tier.trim())
+        .filter(|t| !t.is_empty())
+        .unwrap_or("native");
+    let default_tier = match moat_policy::Tier::parse(tier) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("moat serve: --default-tier: {e}");

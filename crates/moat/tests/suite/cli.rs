@@ -923,3 +923,35 @@ fn cli_serve_on_a_taken_port_fails_clearly() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn cli_serve_takes_an_empty_moat_tier_as_unset_and_refuses_a_bad_one() {
+    // The port is taken, so a daemon that gets past its flags stops at the listen.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = scratch_dir("cli-serve-tier");
+    let state = dir.join("state");
+    let args = [
+        "serve",
+        "--listen",
+        &addr,
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    let r = cli(&[("MOAT_TIER", "")], &args, None);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("moat serve: cannot listen"),
+        "{}",
+        r.stderr
+    );
+    let r = cli(&[("MOAT_TIER", "vm")], &args, None);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("moat serve: --default-tier: policy: tier: `vm` is not a tier"),
+        "{}",
+        r.stderr
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
