@@ -391,16 +391,37 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         // Sandboxes outlive the daemon by design: delete them through the API first, then
         // kill whatever is left in the fence.
-        if self.child.is_some() {
-            let a = self.api("GET", "/v1/sandboxes", None);
-            if a.status == 200 {
-                if let Some(list) = a.json()["sandboxes"].as_array() {
-                    for s in list {
-                        if let Some(id) = s["id"].as_str() {
-                            let _ = self.api("DELETE", &format!("/v1/sandboxes/{id}"), None);
-                        }
-                    }
-                }
+        // Without panicking: a panic here, while a failed test unwinds, would abort the run
+        // and hide the test's own message.
+        let running = self
+            .child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+        if running {
+            let auth = format!("Bearer {}", self.key);
+            let list = self
+                .agent
+                .get(format!("{}/v1/sandboxes", self.url))
+                .header("Authorization", &auth)
+                .call()
+                .ok()
+                .and_then(|mut r| r.body_mut().read_to_string().ok())
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok());
+            let ids: Vec<String> = list
+                .as_ref()
+                .and_then(|l| l["sandboxes"].as_array())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s["id"].as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for id in ids {
+                let _ = self
+                    .agent
+                    .delete(format!("{}/v1/sandboxes/{id}", self.url))
+                    .header("Authorization", &auth)
+                    .call();
             }
         }
         self.kill9();
