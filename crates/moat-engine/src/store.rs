@@ -269,6 +269,10 @@ pub struct RuntimeInfo {
     /// What the sandbox's tier needs besides (the gvisor tier's runsc state), opaque here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier_state: Option<serde_json::Value>,
+    /// The sandbox's isolation layers as reported at its start (the API's `sandbox`), opaque
+    /// here: a re-attaching daemon reports them again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<serde_json::Value>,
 }
 
 /// A sandbox as the registry knows it.

@@ -607,6 +607,7 @@ impl App {
                 .gvisor
                 .as_ref()
                 .and_then(|g| serde_json::to_value(g).ok()),
+            layers: serde_json::to_value(&spawned.layers).ok(),
         };
         match AgentClient::connect(socket).await {
             Ok(a) => Ok((runtime, spawned.layers, a)),
@@ -831,10 +832,12 @@ impl App {
                         state: Mutex::new(rec.state),
                         policy,
                         runtime,
-                        layers: Layers {
+                        // As reported at the start (a record from before they were kept
+                        // has only the tier).
+                        layers: rt_layers(&rec.runtime).unwrap_or_else(|| Layers {
                             tier: rec.tier.clone(),
                             ..Layers::default()
-                        },
+                        }),
                         agent,
                         lifecycle: tokio::sync::Mutex::new(()),
                         egress: Mutex::new(None),
@@ -877,6 +880,11 @@ impl App {
         }
         Ok(attached)
     }
+}
+
+/// The layers a stored runtime kept from its sandbox's start.
+fn rt_layers(rt: &Option<RuntimeInfo>) -> Option<Layers> {
+    serde_json::from_value(rt.as_ref()?.layers.clone()?).ok()
 }
 
 /// Runs `f` on a handle to the cgroup at `paths`, then disarms the handle (dropping an armed

@@ -235,6 +235,7 @@ async fn start_one(app: &Arc<App>, pool: &TierPool) -> Result<Ready, String> {
             .gvisor
             .as_ref()
             .and_then(|g| serde_json::to_value(g).ok()),
+        layers: serde_json::to_value(&spawned.layers).ok(),
     };
     let saved = serde_json::to_vec(&runtime)
         .map_err(|e| e.to_string())

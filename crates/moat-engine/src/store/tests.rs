@@ -520,6 +520,7 @@ fn sandboxes_round_trip() {
             agent_socket: "/run/moat/sbx/agent.sock".into(),
             cgroup_paths: vec!["/sys/fs/cgroup/moat/sbx".into()],
             tier_state: None,
+            layers: None,
         }),
         error: Some("nothing yet".into()),
     };
@@ -715,6 +716,7 @@ fn runtime_info_is_set_and_cleared() {
             "/sys/fs/cgroup/memory/x".into(),
         ],
         tier_state: Some(serde_json::json!({"id": "g1"})),
+        layers: Some(serde_json::json!({"tier": "gvisor", "seccomp": true})),
     };
     assert!(store.set_runtime("sbx_1", Some(&info)).unwrap());
     assert_eq!(store.sandbox("sbx_1").unwrap().unwrap().runtime, Some(info));

@@ -1066,9 +1066,17 @@ fn kill_9_of_the_daemon_with_50_sandboxes_then_restart() {
         .as_array()
         .unwrap()
         .len();
+    let layers = d.api("GET", &path(&ids[0], ""), None).json()["sandbox"].clone();
+    assert_eq!(layers["tier"], super::harness::tier(), "{layers}");
+    assert_eq!(layers["seccomp"], true, "{layers}");
     d.kill9();
     std::thread::sleep(Duration::from_millis(500));
     d.restart();
+    // A re-attached sandbox reports the layers it started with.
+    assert_eq!(
+        d.api("GET", &path(&ids[0], ""), None).json()["sandbox"],
+        layers
+    );
     let list = d.api("GET", "/v1/sandboxes?state=running", None).json();
     let back: Vec<&str> = list["sandboxes"]
         .as_array()
