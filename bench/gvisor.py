@@ -192,6 +192,20 @@ def runsc_container_gone(runsc, root, cid):
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def create_exec_destroy(c, tier):
+    """POST /v1/sandboxes, a first exec of `true`, DELETE: each one's ms."""
+    t0 = time.perf_counter_ns()
+    sb = c.call("POST", "/v1/sandboxes", {"tier": tier})
+    t1 = time.perf_counter_ns()
+    x = c.call("POST", f"/v1/sandboxes/{sb['id']}/exec", {"cmd": ["true"]})
+    t2 = time.perf_counter_ns()
+    if x.get("exit_code") != 0:
+        raise SystemExit(f"{tier}: exec true: {x}")
+    c.call("DELETE", f"/v1/sandboxes/{sb['id']}")
+    t3 = time.perf_counter_ns()
+    return (t1 - t0) / 1e6, (t2 - t1) / 1e6, (t3 - t2) / 1e6
+
+
 def rotate(names, r):
     return names[r % len(names):] + names[:r % len(names)]
 
@@ -282,20 +296,12 @@ def main():
                     if r >= a.warmup:
                         figs["runsc do"].append(t)
                     continue
-                t0 = time.perf_counter_ns()
-                sb = c.call("POST", "/v1/sandboxes", {"tier": k})
-                t1 = time.perf_counter_ns()
-                x = c.call("POST", f"/v1/sandboxes/{sb['id']}/exec", {"cmd": ["true"]})
-                t2 = time.perf_counter_ns()
-                if x.get("exit_code") != 0:
-                    raise SystemExit(f"{k}: exec true: {x}")
-                c.call("DELETE", f"/v1/sandboxes/{sb['id']}")
-                t3 = time.perf_counter_ns()
+                create, first, destroy = create_exec_destroy(c, k)
                 if r >= a.warmup:
-                    figs[f"{k} create"].append((t1 - t0) / 1e6)
-                    figs[f"{k} first exec"].append((t2 - t1) / 1e6)
-                    figs[f"{k} both"].append((t2 - t0) / 1e6)
-                    figs[f"{k} destroy"].append((t3 - t2) / 1e6)
+                    figs[f"{k} create"].append(create)
+                    figs[f"{k} first exec"].append(first)
+                    figs[f"{k} both"].append(create + first)
+                    figs[f"{k} destroy"].append(destroy)
         results["create_first_exec"] = [
             summary("gvisor: create -> first exec done", figs["gvisor both"]),
             summary("  of which create (POST /v1/sandboxes)", figs["gvisor create"]),
@@ -383,18 +389,11 @@ def main():
                     if r >= a.warmup:
                         pf["runsc do"].append(t)
                     continue
-                t0 = time.perf_counter_ns()
-                sb = c.call("POST", "/v1/sandboxes", {"tier": k})
-                t1 = time.perf_counter_ns()
-                x = c.call("POST", f"/v1/sandboxes/{sb['id']}/exec", {"cmd": ["true"]})
-                t2 = time.perf_counter_ns()
-                if x.get("exit_code") != 0:
-                    raise SystemExit(f"{k}: exec true: {x}")
-                c.call("DELETE", f"/v1/sandboxes/{sb['id']}")
+                create, first, _ = create_exec_destroy(c, k)
                 hits += 1
                 if r >= a.warmup:
-                    pf[f"{k} create"].append((t1 - t0) / 1e6)
-                    pf[f"{k} both"].append((t2 - t0) / 1e6)
+                    pf[f"{k} create"].append(create)
+                    pf[f"{k} both"].append(create + first)
         c.conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {c.key}"})
         text = c.conn.getresponse().read().decode()
         got = next(int(float(l.split()[-1])) for l in text.splitlines()

@@ -598,17 +598,7 @@ impl App {
                 ));
             }
         };
-        let runtime = RuntimeInfo {
-            init_pid: spawned.pid,
-            init_start_time: spawned.start_time,
-            agent_socket: socket.to_path_buf(),
-            cgroup_paths: spawned.cgroup_paths.clone(),
-            tier_state: spawned
-                .gvisor
-                .as_ref()
-                .and_then(|g| serde_json::to_value(g).ok()),
-            layers: serde_json::to_value(&spawned.layers).ok(),
-        };
+        let runtime = runtime_of(&spawned, socket);
         match AgentClient::connect(socket).await {
             Ok(a) => Ok((runtime, spawned.layers, a)),
             Err(e) => {
@@ -879,6 +869,21 @@ impl App {
             }
         }
         Ok(attached)
+    }
+}
+
+/// What the registry keeps of a started sandbox whose agent listens at `socket`.
+pub(crate) fn runtime_of(spawned: &moat_backend::Spawned, socket: &Path) -> RuntimeInfo {
+    RuntimeInfo {
+        init_pid: spawned.pid,
+        init_start_time: spawned.start_time,
+        agent_socket: socket.to_path_buf(),
+        cgroup_paths: spawned.cgroup_paths.clone(),
+        tier_state: spawned
+            .gvisor
+            .as_ref()
+            .and_then(|g| serde_json::to_value(g).ok()),
+        layers: serde_json::to_value(&spawned.layers).ok(),
     }
 }
 

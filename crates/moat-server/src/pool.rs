@@ -226,17 +226,7 @@ async fn start_one(app: &Arc<App>, pool: &TierPool) -> Result<Ready, String> {
             return Err(e);
         }
     };
-    let runtime = RuntimeInfo {
-        init_pid: spawned.pid,
-        init_start_time: spawned.start_time,
-        agent_socket: socket,
-        cgroup_paths: spawned.cgroup_paths.clone(),
-        tier_state: spawned
-            .gvisor
-            .as_ref()
-            .and_then(|g| serde_json::to_value(g).ok()),
-        layers: serde_json::to_value(&spawned.layers).ok(),
-    };
+    let runtime = crate::app::runtime_of(&spawned, &socket);
     let saved = serde_json::to_vec(&runtime)
         .map_err(|e| e.to_string())
         .and_then(|b| {
