@@ -11,6 +11,7 @@ mod mcp;
 mod modes;
 mod pool;
 mod programs;
+mod readme;
 mod sdk_python;
 mod sdk_typescript;
 mod server;
