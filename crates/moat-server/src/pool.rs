@@ -104,7 +104,8 @@ impl Pools {
                     "moat: pool {}: a ready sandbox died; starting another",
                     pool.tier.as_str()
                 );
-                discard(&r.dir, &r.runtime);
+                // Off the create's path (a gvisor sandbox's removal may start runsc).
+                std::thread::spawn(move || discard(&r.dir, &r.runtime));
             }
             pool.wake.notify_one();
         }

@@ -232,3 +232,39 @@ fn bad_pool_flags_are_refused_with_what_to_write() {
         assert!(err.contains(want), "--pool {flag}: {err}");
     }
 }
+
+#[test]
+fn a_ready_sandbox_that_died_is_not_handed_out() {
+    let mut d = Daemon::start_with(&["--pool", &format!("{}=1", tier())]);
+    wait_ready(&d, 1.0);
+    let ready = ready_dirs(&d.state);
+    assert_eq!(ready.len(), 1);
+    let (dir, rt) = &ready[0];
+    let pid = rt["init_pid"].as_u64().unwrap();
+    // The sandbox dies while it waits (its init, or gVisor's sentry, is killed).
+    moat_sys::process::kill(pid as i32, libc::SIGKILL).expect("kill the ready sandbox");
+    let (gone, _) = wait_until(Duration::from_secs(10), || !running(pid));
+    assert!(gone, "the ready sandbox {pid} did not die");
+    // The create starts a sandbox cold rather than hand out the dead one, which is cleaned up.
+    let id = d.create(json!({}));
+    assert_eq!(d.metric("moat_pool_misses_total"), Some(1.0));
+    assert_eq!(d.metric("moat_pool_hits_total"), Some(0.0));
+    assert_eq!(created_event(&d, &id)["data"]["pooled"], false);
+    assert_eq!(d.sh(&id, "echo alive")["stdout"], "alive\n");
+    let tier_left = tier_dir(rt);
+    let (cleaned, _) = wait_until(Duration::from_secs(10), || {
+        !dir.exists() && tier_left.as_ref().is_none_or(|t| !t.exists())
+    });
+    assert!(cleaned, "{} or {tier_left:?} is left", dir.display());
+    assert!(
+        d.log().contains("a ready sandbox died; starting another"),
+        "{}",
+        d.log()
+    );
+    wait_ready(&d, 1.0);
+    assert_eq!(
+        d.api("DELETE", &format!("/v1/sandboxes/{id}"), None).status,
+        204
+    );
+    assert!(d.stop().success());
+}
