@@ -188,9 +188,9 @@ pub fn close_fds_from(first: libc::c_uint, keep: Option<libc::c_uint>) -> io::Re
 /// takes `~0`): then the call is made again with `i32::MAX`, which covers every fd there can
 /// be.
 fn close_range(lo: libc::c_uint, hi: libc::c_uint) -> io::Result<()> {
-    // SAFETY: close_range takes integers; closing fds this process owns is the intent, and
-    // the callers (a single-threaded child about to exec, or one cleaning up what it
-    // inherited) use none of them afterwards.
+    // The callers (a single-threaded child about to exec, or one cleaning up what it
+    // inherited) use none of the closed fds afterwards.
+    // SAFETY: close_range takes integers; closing fds this process owns is the intent.
     let r = cvt_long(unsafe { libc::syscall(libc::SYS_close_range, lo, hi, 0 as libc::c_uint) });
     match r {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) && hi > i32::MAX as libc::c_uint => {
