@@ -19,23 +19,13 @@ Prints medians, p99 and ratios; writes the figures as JSON.
 """
 import argparse, glob, http.client, json, os, shutil, signal, socket, statistics, subprocess
 import sys, tempfile, threading, time
-
-
-def default_moat():
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target")
-    found = sorted(glob.glob(os.path.join(root, "*", "release", "moat")))
-    return found[0] if found else os.path.join(root, "release", "moat")
+from common import default_moat, pct, Client, free_port
 
 
 BWRAP = ["--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr",
          "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
          "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/sbin", "/sbin",
          "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 def run_once(argv):
@@ -50,33 +40,6 @@ def run_once(argv):
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{argv} failed with {status}")
     return (t1 - t0) / 1e6
-
-
-class Client:
-    def __init__(self, port, key):
-        self.port, self.key = port, key
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-
-    def call(self, method, path, body=None):
-        headers = {"Authorization": f"Bearer {self.key}"}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        self.conn.request(method, path, body=data, headers=headers)
-        r = self.conn.getresponse()
-        raw = r.read()
-        if r.status >= 300:
-            raise SystemExit(f"{method} {path}: {r.status} {raw[:300]!r}")
-        return json.loads(raw) if raw else None
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def start_daemon(moat):

@@ -35,6 +35,7 @@ table as markdown next to it.
 """
 import argparse, glob, json, os, platform, resource, select, socket, statistics, subprocess
 import sys, tempfile, threading, time
+from common import default_moat, pct
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAME = "up.test"
@@ -43,18 +44,6 @@ CHUNK = 1 << 20
 # One interpreter for the upstream and both clients: the system's, which the sandbox sees
 # (its /usr is the host's, read-only).
 PYTHON = "/usr/bin/python3"
-
-
-def default_moat():
-    """The release build: target/<host triple>/release/moat (see .cargo/config.toml)."""
-    root = os.path.join(HERE, "..", "target")
-    found = sorted(glob.glob(os.path.join(root, "*", "release", "moat")))
-    return found[0] if found else os.path.join(root, "release", "moat")
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 # ---------------------------------------------------------------------------------------

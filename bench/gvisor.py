@@ -31,20 +31,9 @@ JSON figures (results/gvisor.json and results/gvisor.md by default).
 """
 import argparse, glob, http.client, json, os, platform, shutil, signal, socket, statistics
 import subprocess, sys, tempfile, time
+from common import default_moat, pct, Client, free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def default_moat():
-    """The release build: target/<host triple>/release/moat (see .cargo/config.toml)."""
-    root = os.path.join(HERE, "..", "target")
-    found = sorted(glob.glob(os.path.join(root, "*", "release", "moat")))
-    return found[0] if found else os.path.join(root, "release", "moat")
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 def summary(name, xs):
@@ -71,33 +60,6 @@ def once(argv, cwd=None):
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{argv} failed with {status}")
     return (t1 - t0) / 1e6
-
-
-class Client:
-    def __init__(self, port, key):
-        self.port, self.key = port, key
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-
-    def call(self, method, path, body=None):
-        headers = {"Authorization": f"Bearer {self.key}"}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        self.conn.request(method, path, body=data, headers=headers)
-        r = self.conn.getresponse()
-        raw = r.read()
-        if r.status >= 300:
-            raise SystemExit(f"{method} {path}: {r.status} {raw[:400]!r}")
-        return json.loads(raw) if raw else None
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def start_daemon(moat, extra=()):

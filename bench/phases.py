@@ -8,13 +8,8 @@ Runs moat with MOAT_TRACE=1, which prints `moat-trace: SIDE PHASE MICROSECONDS` 
 between consecutive marks.
 """
 import argparse, glob, collections, os, statistics, subprocess
+from common import default_moat
 
-
-def default_moat():
-    """The release build: target/<host triple>/release/moat (see .cargo/config.toml)."""
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target")
-    found = sorted(glob.glob(os.path.join(root, "*", "release", "moat")))
-    return found[0] if found else os.path.join(root, "release", "moat")
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--runs", type=int, default=200)

@@ -8,13 +8,8 @@ reap) with posix_spawn + waitpid. Prints medians, p90 and p99 per command and th
 each median to bubblewrap's, and writes the figures as JSON. See ../../shared/BENCH.md.
 """
 import argparse, glob, json, os, platform, shutil, statistics, subprocess, sys, time
+from common import default_moat, pct
 
-
-def default_moat():
-    """The release build: target/<host triple>/release/moat (see .cargo/config.toml)."""
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target")
-    found = sorted(glob.glob(os.path.join(root, "*", "release", "moat")))
-    return found[0] if found else os.path.join(root, "release", "moat")
 
 def cmds(moat):
     bwrap = shutil.which("bwrap")
@@ -46,10 +41,6 @@ def once(argv):
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{argv} failed with {status}")
     return (t1 - t0) / 1e6
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 def main():
     ap = argparse.ArgumentParser()
