@@ -1,6 +1,6 @@
 """What the bench scripts share: the moat binary to measure, percentiles, and a client of
 moat serve's HTTP API (one kept-alive connection)."""
-import glob, http.client, json, os, socket
+import glob, http.client, json, os, signal, socket, subprocess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -34,6 +34,23 @@ class Client:
         if r.status >= 300:
             raise SystemExit(f"{method} {path}: {r.status} {raw[:400]!r}")
         return json.loads(raw) if raw else None
+
+    def metric(self, name):
+        """A sample of /metrics (`name` with its labels), or None."""
+        self.conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {self.key}"})
+        for line in self.conn.getresponse().read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        return None
+
+
+def stop_daemon(proc, timeout):
+    """SIGTERM to a moat serve, SIGKILL if it is not gone within timeout seconds."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def free_port(host="127.0.0.1"):

@@ -19,7 +19,7 @@ Prints medians, p99 and ratios; writes the figures as JSON.
 """
 import argparse, glob, http.client, json, os, shutil, signal, socket, statistics, subprocess
 import sys, tempfile, threading, time
-from common import default_moat, pct, Client, free_port
+from common import default_moat, pct, Client, free_port, stop_daemon
 
 
 BWRAP = ["--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr",
@@ -181,11 +181,7 @@ def main():
         results["idle_memory_mib"] = {"moat": (m0 - m1) / a.idle / 1024,
                                       "bwrap sleep": (b0 - b1) / a.idle / 1024, "n": a.idle}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_daemon(proc, 10)
         shutil.rmtree(state, ignore_errors=True)
 
     def table(rows, ref):

@@ -31,7 +31,7 @@ JSON figures (results/gvisor.json and results/gvisor.md by default).
 """
 import argparse, glob, http.client, json, os, platform, shutil, signal, socket, statistics
 import subprocess, sys, tempfile, time
-from common import default_moat, pct, Client, free_port
+from common import default_moat, pct, Client, free_port, stop_daemon
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -312,11 +312,7 @@ def main():
     finally:
         if peer:
             runsc_container_gone(runsc, *peer)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_daemon(proc, 30)
         time.sleep(1)
         left = gvisor_ids(prefixes) if prefixes else None
         shutil.rmtree(state, ignore_errors=True)
@@ -326,12 +322,7 @@ def main():
         c = Client(port, key)
 
         def ready(tier):
-            c.conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {c.key}"})
-            text = c.conn.getresponse().read().decode()
-            for line in text.splitlines():
-                if line.startswith(f'moat_pool_ready{{tier="{tier}"}} '):
-                    return int(float(line.split()[-1]))
-            return 0
+            return int(c.metric(f'moat_pool_ready{{tier="{tier}"}}') or 0)
 
         def full():
             t0 = time.time()
@@ -356,10 +347,7 @@ def main():
                 if r >= a.warmup:
                     pf[f"{k} create"].append(create)
                     pf[f"{k} both"].append(create + first)
-        c.conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {c.key}"})
-        text = c.conn.getresponse().read().decode()
-        got = next(int(float(l.split()[-1])) for l in text.splitlines()
-                   if l.startswith("moat_pool_hits_total "))
+        got = int(c.metric("moat_pool_hits_total") or 0)
         if got != hits:
             raise SystemExit(f"{hits} creates but {got} pool hits: the pool figures are not pooled")
         results["pool_hits"] = got
@@ -371,11 +359,7 @@ def main():
             summary("runsc --network=none do true", pf["runsc do"])]
         prefixes = [f"moat-g{q:x}-" for q in descendants(proc.pid)]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_daemon(proc, 60)
         time.sleep(1)
         pool_left = gvisor_ids(prefixes)
         shutil.rmtree(state, ignore_errors=True)
