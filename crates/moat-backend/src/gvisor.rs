@@ -47,10 +47,11 @@
 //! - `fs.root` is refused (the agent needs the host's `/usr` and `/lib` inside).
 
 use crate::cgroup::{self, Cgroup};
-use crate::native::{ExecEnv, RunError, SpawnRequest, Spawned};
+use crate::native::{RunError, SpawnRequest, Spawned};
 use crate::rootfs;
 use moat_api::Layers;
 use moat_policy::Policy;
+use moat_proto::boot::{self, InitReport};
 use moat_sys::process::{self as sys, Forked};
 use oci_spec::runtime as oci;
 use serde::{Deserialize, Serialize};
@@ -59,23 +60,16 @@ use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// The hidden first argument that makes the moat binary (or `moat-spawner`) the gvisor
-/// tier's agent: `moat __moat-gvisor-agent` runs [`agent_main`].
-pub const AGENT_ARG: &str = "__moat-gvisor-agent";
-
-/// Where the agent binary is bound (read-only) inside the sandbox.
-const AGENT_IN: &str = "/.moat-agent";
-/// Where the sandbox's control directory is bound (read-write, root's and 0700: for the
-/// agent before it drops to the sandbox user).
-const CTL_IN: &str = "/.moat";
-const POLICY_FILE: &str = "policy.json";
-const SOCKET_FILE: &str = "agent.sock";
-/// Largest policy file the agent reads.
-const POLICY_MAX: u64 = 4 << 20;
+/// tier's agent: `moat __moat-gvisor-agent` runs [`moat_agent::gvisor::main`].
+pub const AGENT_ARG: &str = boot::GVISOR_AGENT_ARG;
+use boot::{
+    GVISOR_AGENT_PATH as AGENT_IN, GVISOR_CONFIG_FILE as POLICY_FILE, GVISOR_CONTROL_DIR as CTL_IN,
+    GVISOR_SOCKET_FILE as SOCKET_FILE,
+};
 
 /// How many host tasks (threads and processes) the cgroup allows per task of the workload.
 /// gVisor's ptrace platform runs each workload address space as a stub process with a stub
@@ -292,7 +286,7 @@ pub fn spawn(req: &SpawnRequest) -> Result<Spawned, RunError> {
     let ctl = dir.join("ctl");
     mkdir(&ctl, 0o700)?;
     mkdir(&dir.join("state"), 0o700)?;
-    let policy_json = serde_json::to_vec(&AgentConfig {
+    let policy_json = serde_json::to_vec(&boot::GvisorConfig {
         policy: policy_to_json(policy),
         ca_pem: policy.network.ca_pem.clone(),
     })
@@ -362,29 +356,29 @@ pub fn spawn(req: &SpawnRequest) -> Result<Spawned, RunError> {
     // spawner, which ignores SIGCHLD, has it reaped by the kernel).
     wait_exit(&child, Duration::from_secs(5));
     let line = line.map_err(io_ctx("wait for the gvisor sandbox's agent"))?;
-    let seccomp = match line.strip_prefix("ready") {
-        Some(rest) => match rest.trim().strip_prefix("noseccomp") {
-            Some(why) => {
-                missing.push(format!(
-                    "seccomp (gVisor refused the filter:{why}; gVisor's kernel is the boundary)"
-                ));
-                false
-            }
-            None => true,
-        },
-        None => {
-            let mut why = line
-                .strip_prefix("error ")
-                .map(str::to_string)
-                .unwrap_or_default();
-            if why.is_empty() {
+    let seccomp = match InitReport::parse(&line) {
+        Some(InitReport::Ready {
+            seccomp: Some(Err(why)),
+        }) => {
+            missing.push(format!(
+                "seccomp (gVisor refused the filter: {why}; gVisor's kernel is the boundary)"
+            ));
+            false
+        }
+        Some(InitReport::Ready { .. }) => true,
+        other => {
+            let why = if let Some(InitReport::Error(why)) = other {
+                why
+            } else if line.is_empty() {
                 let log = read_tail(&log_path, 4096);
-                why = if log.trim().is_empty() {
+                if log.trim().is_empty() {
                     "the gvisor sandbox exited before its agent was ready".into()
                 } else {
                     format!("runsc failed: {}", log.trim())
-                };
-            }
+                }
+            } else {
+                format!("unexpected start report: {line}")
+            };
             return Err(RunError::Setup(format!(
                 "{why} (run `moat doctor` to check gVisor on this host)"
             )));
@@ -467,16 +461,6 @@ fn sweep_stale(base: &Path) {
             let _ = fs::remove_dir_all(&dir);
         }
     }
-}
-
-/// What the agent reads from its control directory: the policy (in the schema of moat's
-/// TOML policy: `Policy` itself only deserialises), and the sandbox CA it must trust, which
-/// a policy document never carries (`network.ca_pem`).
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AgentConfig {
-    policy: serde_json::Value,
-    ca_pem: Option<String>,
 }
 
 /// The policy in the schema of moat's TOML policy, as JSON.
@@ -989,17 +973,16 @@ fn build_etc(policy: &Policy, etc: &Path) -> Result<Vec<oci::Mount>, RunError> {
 fn trust_ca(etc: &Path, ca: &str) -> Result<Vec<oci::Mount>, RunError> {
     let in_etc = |p: &str| etc.join(p.trim_start_matches("/etc/"));
     mkdir(&etc.join("ssl"), 0o755)?;
-    let ca_file = in_etc(rootfs::MOAT_CA_FILE);
-    fs::write(&ca_file, ca).map_err(io_ctx(format!("write {}", rootfs::MOAT_CA_FILE)))?;
+    let ca_file = in_etc(boot::CA_FILE);
+    fs::write(&ca_file, ca).map_err(io_ctx(format!("write {}", boot::CA_FILE)))?;
     let system = Path::new("/etc").join(rootfs::SYSTEM_BUNDLE);
     let mut bundle = fs::read(&system).unwrap_or_default();
     if !bundle.is_empty() && !bundle.ends_with(b"\n") {
         bundle.push(b'\n');
     }
     bundle.extend_from_slice(ca.as_bytes());
-    let bundle_file = in_etc(rootfs::MOAT_BUNDLE_FILE);
-    fs::write(&bundle_file, &bundle)
-        .map_err(io_ctx(format!("write {}", rootfs::MOAT_BUNDLE_FILE)))?;
+    let bundle_file = in_etc(boot::BUNDLE_FILE);
+    fs::write(&bundle_file, &bundle).map_err(io_ctx(format!("write {}", boot::BUNDLE_FILE)))?;
     for f in [&ca_file, &bundle_file] {
         fs::set_permissions(f, fs::Permissions::from_mode(0o644))
             .map_err(io_ctx(format!("chmod {}", f.display())))?;
@@ -1276,137 +1259,6 @@ fn build_spec(
         .linux(linux)
         .build()
         .map_err(|e| RunError::Setup(format!("OCI spec: {e}")))
-}
-
-// ---------------------------------------------------------------------------------------
-// Inside: the agent as PID 1 of the gVisor sandbox.
-
-/// Signals the agent handles (as the native tier's init).
-const AGENT_SIGNALS: [libc::c_int; 8] = [
-    libc::SIGCHLD,
-    libc::SIGINT,
-    libc::SIGTERM,
-    libc::SIGHUP,
-    libc::SIGQUIT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-    libc::SIGWINCH,
-];
-
-fn report(line: &str) {
-    let mut l = line.replace('\n', " ");
-    l.push('\n');
-    let _ = sys::write_all(1, l.as_bytes());
-}
-
-/// The agent of a gvisor sandbox: what `moat __moat-gvisor-agent` runs, as PID 1 inside
-/// gVisor (moat starts it; run by hand it refuses). Reports `ready` or `error ...` on its
-/// stdout, then serves the agent protocol forever.
-pub fn agent_main() -> ! {
-    match agent_setup() {
-        Ok((listener, sigfd, env, seccomp_err)) => {
-            match seccomp_err {
-                None => report("ready seccomp"),
-                Some(e) => report(&format!("ready noseccomp {e}")),
-            }
-            if let Ok(null) = fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/null")
-            {
-                for fd in 0..3 {
-                    let _ = sys::dup2(null.as_raw_fd(), fd);
-                }
-            }
-            crate::agent::serve(listener, sigfd, env)
-        }
-        Err(e) => {
-            report(&format!("error {e}"));
-            sys::exit_now(125)
-        }
-    }
-}
-
-/// The agent's real and saved uid inside gVisor: one no workload runs as (65533, or 65532
-/// when the workload is 65533).
-pub fn agent_real_uid(workload_uid: u32) -> u32 {
-    if workload_uid == 65533 {
-        65532
-    } else {
-        65533
-    }
-}
-
-type AgentParts = (OwnedFd, OwnedFd, ExecEnv<'static>, Option<String>);
-
-fn agent_setup() -> Result<AgentParts, String> {
-    if std::process::id() != 1 || !Path::new(CTL_IN).join(POLICY_FILE).is_file() {
-        return Err(format!(
-            "`{AGENT_ARG}` is the gvisor tier's agent: moat starts it as PID 1 of a gVisor \
-             sandbox; it is not for running by hand"
-        ));
-    }
-    let ctx = |what: &'static str| move |e: io::Error| format!("{what}: {e}");
-    let _ = sys::setsid();
-    let policy_path = Path::new(CTL_IN).join(POLICY_FILE);
-    let meta = fs::metadata(&policy_path).map_err(ctx("read the policy"))?;
-    if meta.len() > POLICY_MAX {
-        return Err("the policy file is too large".into());
-    }
-    let text = fs::read(&policy_path).map_err(ctx("read the policy"))?;
-    let config: AgentConfig =
-        serde_json::from_slice(&text).map_err(|e| format!("parse the policy: {e}"))?;
-    let mut policy: Policy =
-        serde_json::from_value(config.policy).map_err(|e| format!("parse the policy: {e}"))?;
-    policy.network.ca_pem = config.ca_pem;
-    policy.validate().map_err(|e| e.to_string())?;
-    let policy: &'static Policy = Box::leak(Box::new(policy));
-
-    // The socket: a real host socket made by the gofer (--host-uds=create), 0600 from the
-    // umask (gVisor refuses chmod on it).
-    let sock = Path::new(CTL_IN).join(SOCKET_FILE);
-    let _ = fs::remove_file(&sock);
-    let old = moat_sys::fs::umask(0o177);
-    let listener = UnixListener::bind(&sock).map_err(ctx("listen on the agent socket"));
-    moat_sys::fs::umask(old);
-    let listener = listener?;
-    listener
-        .set_nonblocking(true)
-        .map_err(ctx("listen on the agent socket"))?;
-    // The control directory stays mounted (detaching it would disconnect the gofer's host
-    // socket from the listener); it is root's and 0700, so once the agent is the sandbox
-    // user neither it nor the workload can enter it.
-    moat_sys::fs::umask(0o022);
-
-    sys::block_signals(&AGENT_SIGNALS).map_err(ctx("block signals"))?;
-    let sigfd = sys::signalfd(&AGENT_SIGNALS).map_err(ctx("signalfd"))?;
-
-    // Become the sandbox user, as the native tier's agent does: no capabilities (bounding set
-    // emptied first), no new privileges, not dumpable, the seccomp filter. gVisor does not
-    // shield PID 1 from its own namespace's signals as Linux does, so the agent keeps a real
-    // and saved uid of its own ([`agent_real_uid`]): it acts on files as the sandbox user,
-    // and the workload cannot kill or stop it.
-    moat_sys::caps::drop_bounding_and_ambient().map_err(ctx("drop the bounding set"))?;
-    moat_sys::caps::clear_ambient().map_err(ctx("clear ambient capabilities"))?;
-    let (uid, gid) = (policy.process.uid, policy.process.gid);
-    sys::set_ids_apart(agent_real_uid(uid), uid, gid).map_err(ctx("set uid/gid"))?;
-    moat_sys::caps::clear_all().map_err(ctx("clear capabilities"))?;
-    sys::set_no_new_privs().map_err(ctx("no_new_privs"))?;
-    sys::set_not_dumpable().map_err(ctx("not dumpable"))?;
-    let prog = crate::seccomp_prog::DEFAULT_PROGRAM;
-    let seccomp_err = moat_sys::seccomp::install(prog)
-        .err()
-        .map(|e| e.to_string());
-    let env = ExecEnv {
-        policy,
-        landlock_abi: 0,
-        prog,
-        ruleset: None,
-        // The agent runs under the filter and its processes inherit it (or, when gVisor
-        // refused it, no process can install it either: the layers say so).
-        seccomp_inherited: true,
-    };
-    Ok((OwnedFd::from(listener), sigfd, env, seccomp_err))
 }
 
 // ---------------------------------------------------------------------------------------

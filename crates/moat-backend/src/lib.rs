@@ -2,8 +2,6 @@
 //! and `gvisor` (the same sandbox behind gVisor's `runsc`). The host probe behind `moat
 //! doctor` lives here too, since it answers "which tiers can this host run, and why not".
 
-mod agent;
-pub mod agent_server;
 pub mod cgroup;
 pub mod gvisor;
 pub mod idmap;
@@ -14,6 +12,6 @@ pub mod seccomp_prog;
 pub mod spawner;
 mod tiers;
 
-pub use agent::EGRESS_PORT;
+pub use moat_proto::boot::EGRESS_PORT;
 pub use native::{alive, destroy, run, spawn, RunError, RunRequest, SpawnRequest, Spawned};
 pub use tiers::{alive_spawned, destroy_spawned, spawn_any};

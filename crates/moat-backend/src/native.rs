@@ -28,14 +28,14 @@ use crate::cgroup::{self, Cgroup};
 use crate::idmap::IdMap;
 use crate::probe;
 use crate::rootfs;
+use moat_agent::exec::{read_to_end, ExecEnv, Workload};
 use moat_api::{ExecResult, Layers, Status, Truncated};
 use moat_policy::{Layer, Policy};
-use moat_sys::landlock as ll;
+use moat_proto::boot::{InitReport, InitSync};
 use moat_sys::process::{self as sys, Forked};
 use moat_sys::seccomp::SockFilter;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -424,27 +424,24 @@ fn start(
         }
         fs::write(format!("/proc/{pid}/uid_map"), uid_map).map_err(io_ctx("write uid_map"))?;
         fs::write(format!("/proc/{pid}/gid_map"), gid_map).map_err(io_ctx("write gid_map"))?;
-        sys::write_all(sync_w.as_raw_fd(), b"G").map_err(io_ctx("start the sandbox"))?;
+        sys::write_all(sync_w.as_raw_fd(), &InitSync::Go.encode())
+            .map_err(io_ctx("start the sandbox"))?;
         trace.mark("host", "released");
         cg = make_cgroup(policy, &name, persistent, &mut plan.missing)?;
-        // "C", then the cgroup files init writes "0" to itself (v1), then a NUL.
-        let mut msg = b"C".to_vec();
+        // Then the cgroup files init writes "0" to itself (v1).
+        let mut join = Vec::new();
         if let Some(cg) = &cg {
             let (uid, gid) = ids.host_root();
             let files = cg
                 .delegate_self_join(uid, gid)
                 .map_err(|e| RunError::Setup(e.to_string()))?;
             match files {
-                Some(files) => {
-                    let joined: Vec<String> =
-                        files.iter().map(|f| f.display().to_string()).collect();
-                    msg.extend_from_slice(joined.join("\n").as_bytes());
-                }
+                Some(files) => join = files.iter().map(|f| f.display().to_string()).collect(),
                 None => cg.add(pid).map_err(|e| RunError::Setup(e.to_string()))?,
             }
         }
         trace.mark("host", "cgroup-ready");
-        msg.push(0);
+        let msg = InitSync::Cgroup { join }.encode();
         sys::write_all(sync_w.as_raw_fd(), &msg).map_err(io_ctx("start the sandbox"))?;
         Ok(())
     })();
@@ -570,7 +567,7 @@ pub struct Spawned {
 /// How long [`spawn`] waits for init to report that the agent is ready.
 const SPAWN_READY_TIMEOUT_MS: i32 = 30_000;
 
-/// Starts a persistent sandbox: init becomes the agent (every request of [`moat_agent`])
+/// Starts a persistent sandbox: init becomes the agent (every request of [`moat_proto`])
 /// listening on `req.socket`, and outlives the caller (no parent-death signal; the caller's
 /// exit leaves it running). Returns once the agent listens.
 ///
@@ -607,14 +604,23 @@ pub fn spawn(req: &SpawnRequest) -> Result<Spawned, RunError> {
         Ok(line) => line,
         Err(e) => return fail(sandbox, io_ctx("wait for the sandbox's agent")(e)),
     };
-    if line != "ready" {
-        let why = line.strip_prefix("error ").unwrap_or(&line).to_string();
-        let why = if why.is_empty() {
-            "the sandbox's init died during setup".to_string()
-        } else {
-            why
-        };
-        return fail(sandbox, RunError::Setup(why));
+    match InitReport::parse(&line) {
+        Some(InitReport::Ready { .. }) => {}
+        Some(InitReport::Error(why)) if !why.is_empty() => {
+            return fail(sandbox, RunError::Setup(why))
+        }
+        _ if line.is_empty() => {
+            return fail(
+                sandbox,
+                RunError::Setup("the sandbox's init died during setup".into()),
+            )
+        }
+        _ => {
+            return fail(
+                sandbox,
+                RunError::Setup(format!("unexpected start report: {line}")),
+            )
+        }
     }
     let pid = sandbox.pid as u32;
     let start_time = match start_time(pid) {
@@ -815,10 +821,15 @@ struct InitFds {
     st_w: OwnedFd,
 }
 
-fn report(st_w: RawFd, line: &str) {
-    let mut l = line.replace('\n', " ");
+fn report(st_w: RawFd, r: &InitReport) {
+    let mut l = r.encode();
     l.push('\n');
     let _ = sys::write_all(st_w, l.as_bytes());
+}
+
+/// An `error` report.
+fn report_error(st_w: RawFd, why: impl std::fmt::Display) {
+    report(st_w, &InitReport::Error(why.to_string()));
 }
 
 /// PID 1 of the sandbox. Never returns.
@@ -851,7 +862,7 @@ fn init_main(
     }
     let mut go = [0u8; 1];
     match sys::read(fds.sync_r.as_raw_fd(), &mut go) {
-        Ok(1) if go[0] == b'G' => {}
+        Ok(1) if go[..] == InitSync::Go.encode()[..] => {}
         _ => sys::exit_now(125),
     }
     // From here on no same-uid process may ptrace init or open its /proc entries (/proc/1/exe
@@ -866,17 +877,14 @@ fn init_main(
     let root = match init_setup(policy, rootless, mountpoint) {
         Ok(root) => root,
         Err(e) => {
-            report(st_w, &format!("error {e}"));
+            report_error(st_w, e);
             sys::exit_now(125);
         }
     };
     // Empty the bounding set now (while the parent may still be making the cgroup): the
     // workload inherits it, so nothing it ever executes can gain a capability.
     if let Err(e) = moat_sys::caps::drop_bounding_and_ambient() {
-        report(
-            st_w,
-            &format!("error drop the capability bounding set: {e}"),
-        );
+        report_error(st_w, format_args!("drop the capability bounding set: {e}"));
         sys::exit_now(125);
     }
     // Die with moat. Set again here: becoming root of the user namespace (set_ids) changed our
@@ -884,7 +892,7 @@ fn init_main(
     // before this point, the read below sees EOF and we exit.
     if !agent {
         if let Err(e) = sys::set_parent_death_signal(libc::SIGKILL) {
-            report(st_w, &format!("error parent-death signal: {e}"));
+            report_error(st_w, format_args!("parent-death signal: {e}"));
             sys::exit_now(125);
         }
     }
@@ -894,21 +902,20 @@ fn init_main(
     trace.mark("init", "root-built");
     let msg = read_until_nul(fds.sync_r.as_raw_fd());
     drop(fds.sync_r);
-    let Some(files) = msg.strip_prefix(b"C") else {
+    let Some(InitSync::Cgroup { join }) = InitSync::parse_cgroup(&msg) else {
         sys::exit_now(125)
     };
-    for f in files.split(|&b| b == b'\n').filter(|f| !f.is_empty()) {
-        let path = String::from_utf8_lossy(f);
-        if let Err(e) = fs::write(&*path, "0") {
-            report(
+    for path in &join {
+        if let Err(e) = fs::write(path, "0") {
+            report_error(
                 st_w,
-                &format!("error join the sandbox's cgroup ({path}): {e}"),
+                format_args!("join the sandbox's cgroup ({path}): {e}"),
             );
             sys::exit_now(125);
         }
     }
     if let Err(e) = sys::unshare(libc::CLONE_NEWCGROUP) {
-        report(st_w, &format!("error cgroup namespace: {e}"));
+        report_error(st_w, format_args!("cgroup namespace: {e}"));
         sys::exit_now(125);
     }
     trace.mark("init", "cgroup-joined");
@@ -916,18 +923,18 @@ fn init_main(
         let _ = sys::set_affinity(0, cpus);
     }
     if let Err(e) = rootfs::enter(&root) {
-        report(st_w, &format!("error {e}"));
+        report_error(st_w, e);
         sys::exit_now(125);
     }
     trace.mark("init", "root-entered");
     if let Err(e) = sys::block_signals(&INIT_SIGNALS) {
-        report(st_w, &format!("error block signals: {e}"));
+        report_error(st_w, format_args!("block signals: {e}"));
         sys::exit_now(125);
     }
     let sigfd = match sys::signalfd(&INIT_SIGNALS) {
         Ok(f) => f,
         Err(e) => {
-            report(st_w, &format!("error signalfd: {e}"));
+            report_error(st_w, format_args!("signalfd: {e}"));
             sys::exit_now(125);
         }
     };
@@ -949,7 +956,7 @@ fn init_main(
             let ruleset = match env.drop_to_sandbox_user(!rootless) {
                 Ok(r) => r,
                 Err(e) => {
-                    report(st_w, &format!("error become the sandbox's user: {e}"));
+                    report_error(st_w, format_args!("become the sandbox's user: {e}"));
                     sys::exit_now(125);
                 }
             };
@@ -964,15 +971,15 @@ fn init_main(
             if trace.on {
                 stdio_to_null();
             }
-            report(st_w, "ready");
+            report(st_w, &InitReport::Ready { seccomp: None });
             drop(fds.st_w);
-            crate::agent::serve(listener, sigfd, env)
+            moat_agent::serve::serve(listener, sigfd, env)
         }
     };
     let (xe_r, xe_w) = match sys::pipe() {
         Ok(p) => p,
         Err(e) => {
-            report(st_w, &format!("error pipe: {e}"));
+            report_error(st_w, format_args!("pipe: {e}"));
             sys::exit_now(125);
         }
     };
@@ -1001,7 +1008,7 @@ fn init_main(
         }
         Ok(pid) => pid,
         Err(e) => {
-            report(st_w, &format!("error fork the workload: {e}"));
+            report_error(st_w, format_args!("fork the workload: {e}"));
             sys::exit_now(125);
         }
     };
@@ -1039,18 +1046,23 @@ fn init_main(
     if !exec_error.is_empty() {
         let text = String::from_utf8_lossy(&exec_error).into_owned();
         let (code, msg) = text.split_once('\t').unwrap_or(("125", text.as_str()));
-        report(st_w, &format!("execfail {code} {msg}"));
+        report(
+            st_w,
+            &InitReport::ExecFail {
+                code: code.parse().unwrap_or(125),
+                message: msg.to_string(),
+            },
+        );
     } else {
         report(
             st_w,
-            &format!(
-                "exit {} {} {} {} {}",
-                s.code.unwrap_or(-1),
-                s.signal.unwrap_or(-1),
-                s.utime_us,
-                s.stime_us,
-                s.maxrss_kb
-            ),
+            &InitReport::Exit {
+                code: s.code,
+                signal: s.signal,
+                utime_us: s.utime_us,
+                stime_us: s.stime_us,
+                maxrss_kb: s.maxrss_kb,
+            },
         );
     }
     sys::exit_now(0)
@@ -1093,25 +1105,6 @@ fn read_until_nul(fd: RawFd) -> Vec<u8> {
     }
 }
 
-pub(crate) fn read_to_end(fd: RawFd) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match sys::read(fd, &mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                out.extend_from_slice(&buf[..n]);
-                if out.len() > 64 << 10 {
-                    break;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
-    out
-}
-
 fn init_setup(policy: &Policy, rootless: bool, mountpoint: &str) -> io::Result<String> {
     let ctx =
         |what: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
@@ -1130,290 +1123,6 @@ fn init_setup(policy: &Policy, rootless: bool, mountpoint: &str) -> io::Result<S
     )?;
     moat_sys::fs::umask(0o022);
     Ok(root)
-}
-
-/// What every process started in a sandbox is confined by: the policy, the Landlock ABI in
-/// use and the seccomp program. init (agent mode) applies the same to itself.
-#[derive(Clone, Copy)]
-pub(crate) struct ExecEnv<'a> {
-    pub(crate) policy: &'a Policy,
-    pub(crate) landlock_abi: u32,
-    pub(crate) prog: &'a [SockFilter],
-    /// The sandbox's Landlock ruleset, already built (by the agent, from this policy, in
-    /// this root): a process enforces it instead of building the same one again. It still
-    /// gets a Landlock layer of its own, nested in the agent's (so it cannot ptrace or,
-    /// from ABI 6, signal the agent); only the ~25 syscalls of building it go.
-    pub(crate) ruleset: Option<&'a ll::Ruleset>,
-    /// This process (the agent) runs under `prog` already, and every process it forks
-    /// inherits that filter over fork and exec: a second copy of the same program would
-    /// return the same verdicts (no syscall more or less is allowed), and only cost its
-    /// install and a second run on every syscall.
-    pub(crate) seccomp_inherited: bool,
-}
-
-impl ExecEnv<'_> {
-    /// The base environment of every process: moat's clean defaults, then the policy's
-    /// `env`.
-    pub(crate) fn base_env(&self) -> Vec<(String, String)> {
-        let p = self.policy;
-        let mut env: Vec<(String, String)> = vec![
-            (
-                "PATH".into(),
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-            ),
-            ("HOME".into(), p.fs.workdir.clone()),
-            ("USER".into(), "user".into()),
-            ("LOGNAME".into(), "user".into()),
-            ("HOSTNAME".into(), p.process.hostname.clone()),
-            ("LANG".into(), "C.UTF-8".into()),
-            ("TMPDIR".into(), "/tmp".into()),
-        ];
-        if p.network.mode == moat_policy::NetworkMode::Allowlist {
-            // Every common client finds the proxy: curl, pip, npm, git, requests, urllib,
-            // Node (with a proxy agent), and SOCKS-speaking tools through ALL_PROXY.
-            let http = format!("http://127.0.0.1:{}", crate::agent::EGRESS_PORT);
-            let socks = format!("socks5h://127.0.0.1:{}", crate::agent::EGRESS_PORT);
-            for (k, v) in [
-                ("HTTP_PROXY", &http),
-                ("HTTPS_PROXY", &http),
-                ("ALL_PROXY", &socks),
-            ] {
-                env.push((k.into(), v.clone()));
-                env.push((k.to_ascii_lowercase(), v.clone()));
-            }
-            env.push(("NO_PROXY".into(), "localhost,127.0.0.1".into()));
-            env.push(("no_proxy".into(), "localhost,127.0.0.1".into()));
-            if p.network.ca_pem.is_some() {
-                let bundle = crate::rootfs::MOAT_BUNDLE_FILE.to_string();
-                env.push(("SSL_CERT_FILE".into(), bundle.clone()));
-                env.push(("REQUESTS_CA_BUNDLE".into(), bundle.clone()));
-                env.push(("CURL_CA_BUNDLE".into(), bundle.clone()));
-                env.push(("PIP_CERT".into(), bundle.clone()));
-                env.push((
-                    "NODE_EXTRA_CA_CERTS".into(),
-                    crate::rootfs::MOAT_CA_FILE.into(),
-                ));
-            }
-        }
-        for (k, v) in &p.env {
-            if let Some(slot) = env.iter_mut().find(|(x, _)| x == k) {
-                slot.1 = v.clone();
-            } else {
-                env.push((k.clone(), v.clone()));
-            }
-        }
-        env
-    }
-
-    /// Enforces the sandbox's Landlock ruleset on this process: the prebuilt one when there
-    /// is one, else built now ([`ExecEnv::ruleset`]).
-    pub(crate) fn landlock(&self) -> io::Result<()> {
-        match self.ruleset {
-            Some(rs) => rs.enforce(),
-            None => self.build_ruleset()?.restrict_self(),
-        }
-    }
-
-    /// The Landlock ruleset of the sandbox: read and execute everywhere, write only where
-    /// the policy makes the file system writable.
-    fn build_ruleset(&self) -> io::Result<ll::Ruleset> {
-        let abi = self.landlock_abi;
-        let all = ll::fs_rights_for_abi(abi);
-        let scoped = if abi >= 6 {
-            ll::SCOPE_SIGNAL | ll::SCOPE_ABSTRACT_UNIX_SOCKET
-        } else {
-            0
-        };
-        let mut rs = ll::Ruleset::new(all, scoped)?;
-        let read = ll::ACCESS_FS_READ_FILE | ll::ACCESS_FS_READ_DIR | ll::ACCESS_FS_EXECUTE;
-        rs.allow("/", read)?;
-        rs.allow("/proc", read | ll::ACCESS_FS_WRITE_FILE)?;
-        let dev =
-            read | ll::ACCESS_FS_WRITE_FILE | ll::ACCESS_FS_IOCTL_DEV | ll::ACCESS_FS_TRUNCATE;
-        // One rule for /dev: it is read-only, so write rights only reach the device nodes moat
-        // bound there (null, zero, full, random, urandom, tty) and the private devpts.
-        rs.allow("/dev", dev)?;
-        rs.allow("/dev/shm", all)?;
-        rs.allow("/tmp", all)?;
-        rs.allow(&self.policy.fs.workdir, all)?;
-        for m in &self.policy.fs.mounts {
-            rs.allow(&m.dst, if m.rw { all } else { read })?;
-        }
-        Ok(rs)
-    }
-
-    /// init becoming the agent: the workload's uid and gid, no capabilities, no new
-    /// privileges, the workload's Landlock ruleset and seccomp filter, not dumpable. From
-    /// here every file operation of the agent is the sandbox user's, inside the sandbox.
-    /// Returns the Landlock ruleset (when Landlock is on), for the agent's processes.
-    fn drop_to_sandbox_user(&self, set_groups: bool) -> io::Result<Option<ll::Ruleset>> {
-        let ctx = |what: &'static str| {
-            move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"))
-        };
-        let p = self.policy;
-        moat_sys::caps::clear_ambient().map_err(ctx("clear ambient capabilities"))?;
-        sys::set_ids(p.process.uid, p.process.gid, set_groups).map_err(ctx("set uid/gid"))?;
-        moat_sys::caps::clear_all().map_err(ctx("clear capabilities"))?;
-        sys::set_no_new_privs().map_err(ctx("no_new_privs"))?;
-        let ruleset = if self.landlock_abi > 0 {
-            let rs = self.build_ruleset().map_err(ctx("landlock"))?;
-            rs.enforce().map_err(ctx("landlock"))?;
-            Some(rs)
-        } else {
-            None
-        };
-        // Changing the euid made us dumpable again.
-        sys::set_not_dumpable().map_err(ctx("not dumpable"))?;
-        moat_sys::seccomp::install(self.prog).map_err(ctx("install seccomp filter"))?;
-        Ok(ruleset)
-    }
-}
-
-/// A process started in the sandbox (the workload of `moat run`, or an agent exec),
-/// between fork and exec.
-pub(crate) struct Workload<'a> {
-    pub(crate) env: ExecEnv<'a>,
-    pub(crate) argv: &'a [String],
-    /// Variables on top of [`ExecEnv::base_env`] (an exec request's `env`).
-    pub(crate) extra_env: &'a BTreeMap<String, String>,
-    /// Working directory; `None`: the policy's.
-    pub(crate) cwd: Option<&'a str>,
-    /// Clear the supplementary groups (needs CAP_SETGID: init as root of the namespace).
-    pub(crate) set_groups: bool,
-    pub(crate) stdin: RawFd,
-    pub(crate) stdout: RawFd,
-    pub(crate) stderr: RawFd,
-    /// stdin is a terminal to make the controlling terminal of the new session.
-    pub(crate) ctty: bool,
-    /// Where a failure is reported (`code\tmessage`) before exiting with `code`: 127 not
-    /// found, 126 not executable, 125 anything else. Closed by a successful exec.
-    pub(crate) xe_w: RawFd,
-}
-
-impl Workload<'_> {
-    fn fail(&self, code: i32, msg: &str) -> ! {
-        let _ = sys::write_all(self.xe_w, format!("{code}\t{msg}").as_bytes());
-        sys::exit_now(code)
-    }
-
-    /// Prepares and executes the process; never returns.
-    pub(crate) fn exec(&self) -> ! {
-        match self.prepare() {
-            Ok((path, argv, envp)) => {
-                let e = sys::execve(&path, &argv, &envp);
-                let code = if e.raw_os_error() == Some(libc::ENOENT) {
-                    127
-                } else {
-                    126
-                };
-                self.fail(code, &format!("cannot execute {}: {e}", self.argv[0]))
-            }
-            Err((code, msg)) => self.fail(code, &msg),
-        }
-    }
-
-    #[allow(clippy::type_complexity)]
-    fn prepare(&self) -> Result<(CString, Vec<CString>, Vec<CString>), (i32, String)> {
-        let e = |what: &str| {
-            let what = what.to_string();
-            move |err: io::Error| (125, format!("{what}: {err}"))
-        };
-        sys::set_signal_mask(&sys::empty_sigset()).map_err(e("signal mask"))?;
-        sys::reset_signal_dispositions();
-        sys::setsid().map_err(e("setsid"))?;
-        sys::dup2(self.stdin, 0).map_err(e("stdin"))?;
-        sys::dup2(self.stdout, 1).map_err(e("stdout"))?;
-        sys::dup2(self.stderr, 2).map_err(e("stderr"))?;
-        if self.ctty {
-            sys::set_controlling_tty(0).map_err(e("controlling terminal"))?;
-        }
-        let p = self.env.policy;
-        match self.cwd {
-            None => std::env::set_current_dir(&p.fs.workdir)
-                .map_err(e("chdir to the working directory"))?,
-            Some(cwd) => std::env::set_current_dir(cwd).map_err(|err| {
-                let code = match err.kind() {
-                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => 127,
-                    io::ErrorKind::PermissionDenied => 126,
-                    _ => 125,
-                };
-                (code, format!("cannot change to the directory {cwd}: {err}"))
-            })?,
-        }
-        let l = &p.limits;
-        sys::set_rlimit(libc::RLIMIT_CORE, 0).map_err(e("rlimit core"))?;
-        sys::set_rlimit(libc::RLIMIT_NOFILE, l.nofile).map_err(e("rlimit nofile"))?;
-        sys::set_rlimit(libc::RLIMIT_FSIZE, l.fsize).map_err(e("rlimit fsize"))?;
-        sys::set_rlimit(libc::RLIMIT_STACK, l.stack).map_err(e("rlimit stack"))?;
-        // The bounding set is already empty (init emptied it before forking us).
-        moat_sys::caps::clear_ambient().map_err(e("clear ambient capabilities"))?;
-        sys::set_ids(p.process.uid, p.process.gid, self.set_groups).map_err(e("set uid/gid"))?;
-        moat_sys::caps::clear_all().map_err(e("clear capabilities"))?;
-        sys::set_no_new_privs().map_err(e("no_new_privs"))?;
-        if self.env.landlock_abi > 0 {
-            self.env.landlock().map_err(e("landlock"))?;
-        }
-        let mut env = self.env.base_env();
-        for (k, v) in self.extra_env {
-            if let Some(slot) = env.iter_mut().find(|(x, _)| x == k) {
-                slot.1 = v.clone();
-            } else {
-                env.push((k.clone(), v.clone()));
-            }
-        }
-        let path = resolve(
-            &self.argv[0],
-            env.iter()
-                .find_map(|(k, v)| (k == "PATH").then_some(v.as_str())),
-        )?;
-        let to_c =
-            |s: &str| CString::new(s).map_err(|_| (125, format!("`{s}` contains a NUL byte")));
-        let argv = self
-            .argv
-            .iter()
-            .map(|a| to_c(a))
-            .collect::<Result<Vec<_>, _>>()?;
-        let envp = env
-            .iter()
-            .map(|(k, v)| to_c(&format!("{k}={v}")))
-            .collect::<Result<Vec<_>, _>>()?;
-        let path = to_c(&path)?;
-        sys::close_fds_from(3, Some(self.xe_w as libc::c_uint))
-            .map_err(e("close inherited fds"))?;
-        if !self.env.seccomp_inherited {
-            moat_sys::seccomp::install(self.env.prog).map_err(e("install seccomp filter"))?;
-        }
-        Ok((path, argv, envp))
-    }
-}
-
-/// Finds the program the way execvp would, in the sandbox's own view of the filesystem.
-fn resolve(cmd: &str, path: Option<&str>) -> Result<String, (i32, String)> {
-    use std::os::unix::fs::PermissionsExt;
-    if cmd.is_empty() {
-        return Err((127, "empty command".into()));
-    }
-    if cmd.contains('/') {
-        return Ok(cmd.to_string());
-    }
-    let mut found_not_exec = None;
-    for dir in path
-        .unwrap_or("/usr/bin:/bin")
-        .split(':')
-        .filter(|d| !d.is_empty())
-    {
-        let cand = format!("{dir}/{cmd}");
-        if let Ok(m) = fs::metadata(&cand) {
-            if m.is_file() && m.permissions().mode() & 0o111 != 0 {
-                return Ok(cand);
-            }
-            found_not_exec.get_or_insert(cand);
-        }
-    }
-    match found_not_exec {
-        Some(c) => Err((126, format!("{c} is not executable"))),
-        None => Err((127, format!("command not found in the sandbox: {cmd}"))),
-    }
 }
 
 /// What the parent learnt while the sandbox ran.
@@ -1451,29 +1160,30 @@ impl Outcome {
             message: None,
             sandbox: layers,
         };
-        let line = self.status_line.unwrap_or_default();
-        let mut words = line.splitn(2, ' ');
-        let kind = words.next().unwrap_or("");
-        let rest = words.next().unwrap_or("");
-        match kind {
-            "exit" => {
-                let n: Vec<i64> = rest.split(' ').filter_map(|w| w.parse().ok()).collect();
-                if n.len() == 5 {
-                    r.exit_code = (n[0] >= 0).then_some(n[0] as i32);
-                    r.signal = (n[1] >= 0).then_some(n[1] as i32);
-                    r.cpu_ms = (n[2] as u64 + n[3] as u64) / 1000;
-                    r.max_rss_kb = n[4] as u64;
-                }
+        let report = InitReport::parse(&self.status_line.unwrap_or_default());
+        let exited = matches!(report, Some(InitReport::Exit { .. }));
+        let reported = report.is_some();
+        match report {
+            Some(InitReport::Exit {
+                code,
+                signal,
+                utime_us,
+                stime_us,
+                maxrss_kb,
+            }) => {
+                r.exit_code = code;
+                r.signal = signal;
+                r.cpu_ms = (utime_us + stime_us) / 1000;
+                r.max_rss_kb = maxrss_kb;
             }
-            "execfail" => {
-                let (code, msg) = rest.split_once(' ').unwrap_or((rest, ""));
-                r.exit_code = code.parse().ok();
+            Some(InitReport::ExecFail { code, message }) => {
+                r.exit_code = Some(code);
                 r.status = Status::Error;
-                r.message = Some(msg.to_string());
+                r.message = Some(message);
             }
-            "error" => {
+            Some(InitReport::Error(why)) => {
                 r.status = Status::Error;
-                r.message = Some(format!("sandbox setup failed: {rest}"));
+                r.message = Some(format!("sandbox setup failed: {why}"));
             }
             _ => {
                 // init died without a report: killed by us, by the OOM killer, or crashed.
@@ -1499,7 +1209,7 @@ impl Outcome {
                 "output went over the {} byte cap; the sandbox was killed",
                 req.policy.limits.output
             ));
-        } else if oom && (r.signal == Some(libc::SIGKILL) || kind != "exit") {
+        } else if oom && (r.signal == Some(libc::SIGKILL) || !exited) {
             r.status = Status::Oom;
             r.exit_code = None;
             r.signal = Some(libc::SIGKILL);
@@ -1510,7 +1220,7 @@ impl Outcome {
         } else if let Some(sig) = self.killed_by {
             r.status = Status::Killed;
             r.message = Some(format!("moat got signal {sig} and stopped the sandbox"));
-        } else if r.status == Status::Ok && kind.is_empty() {
+        } else if r.status == Status::Ok && !reported {
             r.status = Status::Error;
             r.message = Some(
                 self.relay_error

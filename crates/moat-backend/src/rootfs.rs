@@ -444,9 +444,6 @@ fn populate(policy: &Policy, root: &str) -> io::Result<()> {
     Ok(())
 }
 
-/// Where the sandbox finds its proxy's CA alone, and the host's public roots with it.
-pub(crate) const MOAT_CA_FILE: &str = "/etc/ssl/moat-ca.crt";
-pub(crate) const MOAT_BUNDLE_FILE: &str = "/etc/ssl/moat-bundle.crt";
 /// The system bundle (Debian's), which tools read when no variable names another.
 pub(crate) const SYSTEM_BUNDLE: &str = "ssl/certs/ca-certificates.crt";
 

@@ -6,10 +6,10 @@
 
 mod common;
 use common::*;
-use moat_agent::{Channel, Encoder, ErrorCode, FrameKind, PtySize, Request, Response};
 use moat_api::Status;
 use moat_backend::spawner::Spawner;
 use moat_backend::{alive, destroy, Spawned};
+use moat_proto::{Channel, Encoder, ErrorCode, FrameKind, PtySize, Request, Response};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
@@ -877,7 +877,7 @@ fn files_round_trip_and_stay_inside() {
             .last
         {
             Some(Response::StatResult(e)) => {
-                assert_eq!(e.kind, moat_agent::EntryKind::Symlink);
+                assert_eq!(e.kind, moat_proto::EntryKind::Symlink);
                 assert_eq!(e.size, 4);
             }
             other => panic!("{other:?}"),

@@ -7,11 +7,11 @@
 
 mod common;
 use common::*;
-use moat_agent::{Channel, Encoder, ErrorCode, Hello, PtySize, Request, Response, Role};
 use moat_api::Status;
 use moat_backend::cgroup::Cgroup;
 use moat_backend::spawner::Spawner;
 use moat_backend::{alive_spawned, destroy_spawned, Spawned};
+use moat_proto::{Channel, Encoder, ErrorCode, Hello, PtySize, Request, Response, Role};
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;

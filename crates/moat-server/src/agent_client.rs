@@ -1,4 +1,4 @@
-//! The host side of the agent protocol ([`moat_agent`]) over tokio, on a unix socket.
+//! The host side of the agent protocol ([`moat_proto`]) over tokio, on a unix socket.
 //!
 //! One [`AgentClient`] is one connection to one sandbox's agent. It is cheap to clone (an
 //! `Arc`), and every clone and every handle it gives out ([`Exec`], [`ExecInput`],
@@ -19,7 +19,7 @@
 //! # Trust
 //!
 //! Everything from the agent is hostile (a compromised sandbox controls its agent). Every
-//! frame goes through [`moat_agent::Frame::check_sender`], every response through
+//! frame goes through [`moat_proto::Frame::check_sender`], every response through
 //! [`Response::validate`], and through a per-stream state machine: the response types each
 //! request allows, `Started` before output, no output after an Eof, `FileDone` equal to the
 //! bytes received, nothing after the final response, nothing on a stream the host never
@@ -68,12 +68,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use moat_agent::msg::ProcInfo;
-use moat_agent::{
+use moat_api::Status;
+use moat_proto::msg::ProcInfo;
+use moat_proto::{
     Channel, Decoder, Encoder, Entry, ErrorCode, Frame, FrameKind, Hello, PtySize, Request,
     Response, Role, StreamIds, DEFAULT_MAX_PAYLOAD, HEADER_LEN,
 };
-use moat_api::Status;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
@@ -656,7 +656,7 @@ const RELAY_FRAME_MAX: usize = 4096;
 /// Reads exactly one frame (header and payload) and nothing after it: the bytes that follow
 /// a `Relayed` belong to the relayed connection.
 async fn read_one_frame(read: &mut UnixStream) -> Result<Frame, ClientError> {
-    let mut header = [0u8; moat_agent::frame::HEADER_LEN];
+    let mut header = [0u8; moat_proto::frame::HEADER_LEN];
     read.read_exact(&mut header)
         .await
         .map_err(ClientError::Io)?;
@@ -1541,7 +1541,7 @@ impl FileWrite {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use moat_agent::EntryKind;
+    use moat_proto::EntryKind;
 
     /// The agent's side of a socket pair, scripted by each test.
     struct FakeAgent {

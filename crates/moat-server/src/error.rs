@@ -2,7 +2,7 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use moat_agent::ErrorCode;
+use moat_proto::ErrorCode;
 
 use crate::agent_client::ClientError;
 

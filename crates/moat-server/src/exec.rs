@@ -13,10 +13,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use moat_agent::PtySize;
 use moat_api::{ExecResult, Status, Truncated};
 use moat_engine::store::{EventKind, Scope};
 use moat_policy::Policy;
+use moat_proto::PtySize;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -717,7 +717,7 @@ pub struct ProcessBody {
     stdin: bool,
 }
 
-fn proc_json(p: &moat_agent::ProcInfo) -> Value {
+fn proc_json(p: &moat_proto::ProcInfo) -> Value {
     json!({"pid": p.pid, "argv": p.argv, "running": p.running, "exit_code": p.exit_code,
            "signal": p.signal, "status": p.status.map(|s| s.as_str()),
            "started_at": p.started_ms, "finished_at": p.finished_ms})

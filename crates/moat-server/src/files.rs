@@ -10,8 +10,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
-use moat_agent::{Entry, EntryKind};
 use moat_engine::store::{EventKind, Scope};
+use moat_proto::{Entry, EntryKind};
 use serde::Deserialize;
 use serde_json::{json, Value};
 

@@ -16,10 +16,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
-use moat_agent::{EntryKind, ErrorCode};
 use moat_api::Status;
 use moat_backend::spawner::Spawner;
 use moat_backend::Spawned;
+use moat_proto::{EntryKind, ErrorCode};
 use moat_server::agent_client::{AgentClient, ClientError, Exec, ExecEvent, ExecSpec};
 
 /// Skips the test (returns `None`), or fails it under `CI`.
@@ -330,7 +330,7 @@ async fn exercise_streams(socket: &Path) {
     // A pty, resized while it runs.
     let mut spec = sh("stty size; read x; stty size");
     spec.stdin = true;
-    spec.pty = Some(moat_agent::PtySize { rows: 24, cols: 80 });
+    spec.pty = Some(moat_proto::PtySize { rows: 24, cols: 80 });
     let mut exec = client.exec(spec).await.unwrap();
     let input = exec.stdin();
     let mut out = Vec::new();

@@ -12,7 +12,7 @@ fn main() {
         .nth(1)
         .is_some_and(|a| a == moat_backend::gvisor::AGENT_ARG)
     {
-        moat_backend::gvisor::agent_main()
+        moat_agent::gvisor::main(moat_backend::seccomp_prog::DEFAULT_PROGRAM)
     }
     let fd = match std::io::stdin().as_fd().try_clone_to_owned() {
         Ok(fd) => fd,

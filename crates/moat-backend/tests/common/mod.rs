@@ -3,11 +3,11 @@
 
 #![allow(dead_code)]
 
-use moat_agent::{
+use moat_api::Status;
+use moat_proto::{
     Channel, Decoder, Encoder, ErrorCode, Frame, FrameKind, Hello, ProcInfo, Request, Response,
     Role, StreamIds,
 };
-use moat_api::Status;
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -272,7 +272,7 @@ pub fn set_stdin(r: &mut Request) {
 
 /// Reads exactly one frame off `sock` (the bytes after a `Relayed` are raw).
 pub fn read_exact_frame(sock: &mut UnixStream) -> Frame {
-    let mut header = [0u8; moat_agent::frame::HEADER_LEN];
+    let mut header = [0u8; moat_proto::frame::HEADER_LEN];
     sock.read_exact(&mut header).unwrap();
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
     let mut whole = header.to_vec();

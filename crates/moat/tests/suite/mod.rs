@@ -7,6 +7,7 @@ pub mod daemon;
 mod egress;
 pub mod harness;
 mod info_leaks;
+mod layout;
 mod mcp;
 mod modes;
 mod pool;

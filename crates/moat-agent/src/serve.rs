@@ -1,8 +1,8 @@
 //! The agent: what a persistent sandbox's init becomes once its root is entered and it has
-//! dropped to the sandbox user's credentials (see [`crate::native::spawn`]). One
+//! dropped to the sandbox user's credentials (the native tier's init in `moat-backend`, or [`crate::gvisor::main`]). One
 //! single-threaded `poll` loop serves up to [`MAX_CONNS`] host connections on the listening
 //! socket it inherited, one [`AgentConn`] each, and every request of the protocol
-//! ([`moat_agent`]).
+//! ([`moat_proto`]).
 //!
 //! Every path a request names is resolved by the kernel in the agent's own mount namespace,
 //! with the sandbox user's uid, under the sandbox's Landlock ruleset and seccomp filter:
@@ -19,13 +19,13 @@
 //! Nothing the host sends can make the agent panic or stop: a protocol violation closes that
 //! connection only.
 
-use crate::agent_server::{pump, AgentConn, Event, OUTPUT_BOUND};
-use crate::native::{read_to_end, ExecEnv, Workload};
-use moat_agent::msg::{MAX_PATH, MAX_PROCS, MAX_PROC_ARGV_BYTES, RETAINED_OUTPUT};
-use moat_agent::{
+use crate::conn::{pump, AgentConn, Event, OUTPUT_BOUND};
+use crate::exec::{read_to_end, ExecEnv, Workload};
+use moat_proto::msg::Status;
+use moat_proto::msg::{MAX_PATH, MAX_PROCS, MAX_PROC_ARGV_BYTES, RETAINED_OUTPUT};
+use moat_proto::{
     Channel, Entry, EntryKind, ErrorCode, ProcInfo, PtySize, Request, Response, DEFAULT_MAX_PAYLOAD,
 };
-use moat_api::Status;
 use moat_sys::process::{self as sys, ExitInfo};
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -44,9 +44,8 @@ pub const MAX_FINISHED: usize = 256;
 /// Most retained output kept for finished background processes together; the oldest are
 /// forgotten first beyond it (the agent's memory counts against the sandbox's limit).
 pub const MAX_FINISHED_RETAINED: usize = 64 << 20;
-/// The loopback port inside the sandbox where workloads reach moat's egress proxy
-/// (`allowlist` network mode): HTTP CONNECT, plain HTTP and SOCKS5, relayed to the host.
-pub const EGRESS_PORT: u16 = 3128;
+/// The loopback port inside the sandbox where workloads reach moat's egress proxy.
+pub use moat_proto::boot::EGRESS_PORT;
 /// Workload connections to the egress port waiting for the host to take them; more are
 /// closed at once (the workload sees a reset).
 const MAX_RELAY_BACKLOG: usize = 64;
@@ -65,7 +64,7 @@ const RESPONSE_ROOM: usize = DEFAULT_MAX_PAYLOAD - (16 << 10);
 const MAX_VISITED: usize = 200_000;
 
 /// Runs the agent; never returns.
-pub(crate) fn serve(listener: OwnedFd, sigfd: OwnedFd, env: ExecEnv<'_>) -> ! {
+pub fn serve(listener: OwnedFd, sigfd: OwnedFd, env: ExecEnv<'_>) -> ! {
     // Writing to a pipe or socket whose reader is gone must be an error, not our death.
     let _ = sys::ignore_signal(libc::SIGPIPE);
     // Connections and process pipes are fds; the children get the policy's limit anyway.

@@ -1,12 +1,12 @@
-//! The agent side of the moat agent protocol ([`moat_agent`]), as a pure state machine:
+//! The agent side of the moat agent protocol ([`moat_proto`]), as a pure state machine:
 //! bytes in, bytes and [`Event`]s out, no I/O, no threads. The agent's `poll` loop (init of a
-//! persistent sandbox, `agent.rs`) owns the sockets and the processes and drives one
+//! persistent sandbox, `serve.rs`) owns the sockets and the processes and drives one
 //! [`AgentConn`] per host connection.
 //!
 //! What it does today:
 //! - sends the agent's Hello at once, checks the host's with [`Hello::parse_peer`]; any
 //!   other frame before it, or a second Hello, is a protocol violation;
-//! - decodes with a bounded [`Decoder`], runs [`moat_agent::Frame::check_sender`] on every
+//! - decodes with a bounded [`Decoder`], runs [`moat_proto::Frame::check_sender`] on every
 //!   frame and [`Request::validate`] on every request; a framing or sender violation fails
 //!   the connection (the caller closes it, and only it); a request that does not parse or
 //!   validate is answered `Error` on its stream and the connection stays up;
@@ -25,7 +25,7 @@
 
 use std::collections::BTreeSet;
 
-use moat_agent::{
+use moat_proto::{
     Channel, Decoder, Encoder, ErrorCode, FrameError, FrameKind, Hello, ProtoError, Request,
     Response, Role, StreamIds,
 };
@@ -162,7 +162,7 @@ impl AgentConn {
 
     fn frame(
         &mut self,
-        frame: moat_agent::Frame,
+        frame: moat_proto::Frame,
         events: &mut Vec<Event>,
     ) -> Result<(), ConnError> {
         frame.check_sender(Role::Host)?;
@@ -321,7 +321,7 @@ pub fn pump<S: std::io::Read + std::io::Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use moat_agent::Frame;
+    use moat_proto::Frame;
 
     /// Decodes everything the agent queued, as the host would, checking each frame.
     fn drain(conn: &mut AgentConn, host: &mut Decoder) -> Vec<Frame> {
@@ -426,7 +426,7 @@ mod tests {
         let exit = Response::Exit {
             exit_code: Some(0),
             signal: None,
-            status: moat_api::Status::Ok,
+            status: moat_proto::msg::Status::Ok,
         };
         conn.respond(1, &exit).expect("exit");
         assert!(!conn.is_open(1));

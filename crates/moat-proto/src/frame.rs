@@ -541,7 +541,7 @@ impl Encoder {
 /// and grows only as bytes arrive, never to a size a header claims. Use it like this:
 ///
 /// ```
-/// # use moat_agent::frame::{Decoder, Encoder, Channel};
+/// # use moat_proto::frame::{Decoder, Encoder, Channel};
 /// # let mut wire = Vec::new();
 /// # Encoder::new().data(&mut wire, 1, Channel::Stdout, b"hi").unwrap();
 /// let mut decoder = Decoder::new();
@@ -553,7 +553,7 @@ impl Encoder {
 ///         assert_eq!(frame.payload, b"hi");
 ///     }
 /// }
-/// # Ok::<(), moat_agent::frame::FrameError>(())
+/// # Ok::<(), moat_proto::frame::FrameError>(())
 /// ```
 ///
 /// or let [`Decoder::read_from`] read straight into the buffer.

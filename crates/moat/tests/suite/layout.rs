@@ -1,0 +1,134 @@
+//! The crate layout stays as DESIGN.md draws it: dependencies point one way, the agent (the
+//! program inside every sandbox) depends only on the protocol, the policy and the syscalls,
+//! and `unsafe` has one home. Read from each crate's Cargo.toml, so a new `[dependencies]`
+//! line that breaks a rule fails here.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .and_then(Path::parent)
+        .expect("the workspace root")
+}
+
+/// Every workspace crate and its manifest.
+fn manifests() -> BTreeMap<String, toml::Table> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(root().join("crates")).expect("crates/") {
+        let path = entry.expect("crates/ entry").path().join("Cargo.toml");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let table: toml::Table = text.parse().expect("a Cargo.toml that parses");
+        let name = table["package"]["name"]
+            .as_str()
+            .expect("package.name")
+            .to_string();
+        out.insert(name, table);
+    }
+    out
+}
+
+/// The moat crates a manifest lists under `[dependencies]` (what the crate's code can use;
+/// tests' dev-dependencies are not its surface).
+fn moat_deps(m: &toml::Table) -> Vec<String> {
+    m.get("dependencies")
+        .and_then(toml::Value::as_table)
+        .map(|d| {
+            d.keys()
+                .filter(|k| k.starts_with("moat"))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The layers, bottom first: a crate may depend only on crates of lower layers.
+const LAYERS: &[&[&str]] = &[
+    &["moat-api", "moat-policy", "moat-sys"],
+    &["moat-proto"],
+    &["moat-agent"],
+    &["moat-tls"],
+    &["moat-egress", "moat-backend"],
+    &["moat-engine"],
+    &["moat-server"],
+    &["moat"],
+];
+
+fn layer_of(name: &str) -> Option<usize> {
+    LAYERS.iter().position(|l| l.contains(&name))
+}
+
+#[test]
+fn every_crate_has_a_place_in_the_layers() {
+    let m = manifests();
+    assert!(m.len() >= 10, "found only {:?}", m.keys());
+    for name in m.keys() {
+        assert!(
+            layer_of(name).is_some(),
+            "crate {name} is in no layer: add it to LAYERS (and DESIGN.md's layout)"
+        );
+    }
+}
+
+#[test]
+fn dependencies_point_down() {
+    for (name, m) in manifests() {
+        let mine = layer_of(&name).expect("a layer");
+        for dep in moat_deps(&m) {
+            let theirs = layer_of(&dep).unwrap_or(usize::MAX);
+            assert!(
+                theirs < mine,
+                "{name} depends on {dep}, which is not below it in the layers"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_agent_depends_on_proto_policy_and_sys_only() {
+    let m = manifests();
+    let mut deps = moat_deps(&m["moat-agent"]);
+    deps.sort();
+    for d in &deps {
+        assert!(
+            ["moat-policy", "moat-proto", "moat-sys"].contains(&d.as_str()),
+            "moat-agent depends on {d}: the agent's dependencies are its attack surface"
+        );
+    }
+    // And it does use them: the rule is not met by an empty crate.
+    assert_eq!(deps, ["moat-policy", "moat-proto", "moat-sys"]);
+    let proto = moat_deps(&m["moat-proto"]);
+    assert!(
+        proto.iter().all(|d| d == "moat-api"),
+        "moat-proto depends on {proto:?}"
+    );
+}
+
+#[test]
+fn unsafe_is_forbidden_outside_moat_sys() {
+    let ws: toml::Table = std::fs::read_to_string(root().join("Cargo.toml"))
+        .expect("Cargo.toml")
+        .parse()
+        .expect("the workspace manifest parses");
+    assert_eq!(
+        ws["workspace"]["lints"]["rust"]["unsafe_code"].as_str(),
+        Some("forbid")
+    );
+    for (name, m) in manifests() {
+        if name == "moat-sys" {
+            continue;
+        }
+        let inherits = m
+            .get("lints")
+            .and_then(|l| l.get("workspace"))
+            .and_then(toml::Value::as_bool);
+        assert_eq!(
+            inherits,
+            Some(true),
+            "{name} must take the workspace lints (unsafe_code = forbid)"
+        );
+    }
+}
