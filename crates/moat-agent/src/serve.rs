@@ -95,6 +95,7 @@ pub fn serve(listener: OwnedFd, sigfd: OwnedFd, env: ExecEnv<'_>) -> ! {
         relay_waiters: VecDeque::new(),
         relays: BTreeMap::new(),
         next_relay: 1,
+        lifetime_ends_ms: None,
     };
     if agent.env.policy.network.mode == moat_policy::NetworkMode::Allowlist {
         // Bound before the first request: no workload runs yet that could take the port.
@@ -412,6 +413,9 @@ struct Agent<'a> {
     relay_waiters: VecDeque<u64>,
     relays: BTreeMap<u64, RelayPipe>,
     next_relay: u64,
+    /// When the sandbox's lifetime ends (ms since the Unix epoch), from `SetDeadline`: then
+    /// the agent ends the sandbox ([`Agent::end_of_life`]), daemon or no daemon.
+    lifetime_ends_ms: Option<u64>,
 }
 
 fn now_ms() -> u64 {
@@ -427,6 +431,11 @@ fn io_error(what: &str, path: &str, e: &io::Error) -> Response {
 
 impl Agent<'_> {
     fn turn(&mut self) {
+        // At the top of a turn: the answer to a `SetDeadline` already past went out at the end
+        // of the last one.
+        if self.lifetime_ends_ms.is_some_and(|end| now_ms() >= end) {
+            self.end_of_life();
+        }
         let mut fds: Vec<(RawFd, i16)> = Vec::new();
         let mut tokens: Vec<Token> = Vec::new();
         let now = Instant::now();
@@ -544,7 +553,28 @@ impl Agent<'_> {
             .sum()
     }
 
+    /// The sandbox's lifetime is over: every process in it is killed, then the agent, PID 1,
+    /// exits, and the kernel tears the pid namespace down (gVisor ends the sandbox). The host
+    /// finds a dead init and cleans up what is left outside (cgroup, socket directory).
+    fn end_of_life(&mut self) -> ! {
+        // kill(-1): every process this one may signal, itself excepted: the whole sandbox.
+        let _ = sys::kill(-1, libc::SIGKILL);
+        sys::exit_now(0)
+    }
+
     fn next_deadline_ms(&self) -> i32 {
+        let lifetime = self
+            .lifetime_ends_ms
+            .map(|end| end.saturating_sub(now_ms()).min(i32::MAX as u64 - 1) as i32 + 1);
+        let procs = self.next_proc_deadline_ms();
+        match (lifetime, procs) {
+            (Some(l), p) if p < 0 => l,
+            (Some(l), p) => l.min(p),
+            (None, p) => p,
+        }
+    }
+
+    fn next_proc_deadline_ms(&self) -> i32 {
         let now = Instant::now();
         self.procs
             .values()
@@ -745,6 +775,10 @@ impl Agent<'_> {
                 // Relayed comes with the next workload connection.
                 None => return,
             },
+            Request::SetDeadline { expires_at_ms } => {
+                self.lifetime_ends_ms = expires_at_ms;
+                Response::Ok {}
+            }
             Request::SignalPid { pid, signal } => {
                 let pid = pid as i32;
                 match self.procs.get(&pid) {

@@ -35,6 +35,12 @@ pub const MAX_SIGNAL: i32 = 64;
 pub const MAX_MODE: u32 = 0o7777;
 /// Most bytes in the message of a `Response::Error`; the agent cuts longer ones.
 pub const MAX_ERROR_MESSAGE: usize = 4096;
+/// The feature that adds [`Request::SetDeadline`]: the agent ends the sandbox at its
+/// deadline by itself.
+pub const FEATURE_DEADLINE: &str = "deadline";
+/// The features this build speaks, listed in its Hello (as host and as agent).
+pub const FEATURES: &[&str] = &[FEATURE_DEADLINE];
+
 /// Most features a `Hello` may list.
 pub const MAX_FEATURES: usize = 64;
 /// Most bytes in one feature name.
@@ -94,7 +100,8 @@ pub struct Hello {
     pub role: Role,
     /// Optional capabilities the sender supports. A feature is in use on a connection only
     /// when both Hellos list it ([`Hello::common_features`]); names are 1 to 64 bytes of
-    /// `[a-z0-9._-]`, at most 64 of them. Version 1 defines none. Default: empty.
+    /// `[a-z0-9._-]`, at most 64 of them. Version 1 defines `deadline`
+    /// ([`FEATURE_DEADLINE`]). Default: empty.
     #[serde(default)]
     pub features: Vec<String>,
 }
@@ -107,12 +114,12 @@ struct VersionOnly {
 }
 
 impl Hello {
-    /// This side's Hello: the current version, no features.
+    /// This side's Hello: the current version and every feature of [`FEATURES`].
     pub fn new(role: Role) -> Hello {
         Hello {
             version: PROTOCOL_VERSION,
             role,
-            features: Vec::new(),
+            features: FEATURES.iter().map(|f| f.to_string()).collect(),
         }
     }
 
@@ -349,6 +356,12 @@ pub enum Request {
     /// and sends nothing after it until `Relayed`. Answer: `Relayed`, or `Error`
     /// (`invalid_request` when the sandbox has no egress port).
     Relay {},
+    /// The sandbox's lifetime ends at `expires_at_ms` (milliseconds since the Unix epoch, on
+    /// the host's clock): then the agent kills every process of the sandbox and exits, which
+    /// ends the sandbox whether or not a daemon is running. `None` clears the deadline. Each
+    /// one replaces the one before; one already past ends the sandbox at once (after the
+    /// answer). Needs the `deadline` feature. Answer: `Ok`.
+    SetDeadline { expires_at_ms: Option<u64> },
 }
 
 impl Request {
@@ -388,6 +401,7 @@ impl Request {
             Request::ProcStdin { .. } => "proc_stdin",
             Request::SignalPid { .. } => "signal_pid",
             Request::Relay {} => "relay",
+            Request::SetDeadline { .. } => "set_deadline",
         }
     }
 
@@ -465,7 +479,10 @@ impl Request {
                 validate_path("from", from)?;
                 validate_path("to", to)
             }
-            Request::Metrics {} | Request::Procs {} | Request::Relay {} => Ok(()),
+            Request::Metrics {}
+            | Request::Procs {}
+            | Request::Relay {}
+            | Request::SetDeadline { .. } => Ok(()),
             Request::ProcOutput { pid, .. } | Request::ProcStdin { pid, .. } => validate_pid(*pid),
             Request::SignalPid { pid, signal } => {
                 validate_pid(*pid)?;
@@ -1101,6 +1118,12 @@ pub(crate) mod samples {
             },
             Request::Metrics {},
             Request::Procs {},
+            Request::SetDeadline {
+                expires_at_ms: Some(1_700_000_000_000),
+            },
+            Request::SetDeadline {
+                expires_at_ms: None,
+            },
             Request::ProcOutput {
                 pid: 12,
                 follow: true,
@@ -1199,7 +1222,7 @@ mod tests {
         let all = requests();
         let mut types: Vec<&str> = all.iter().map(Request::type_name).collect();
         types.dedup();
-        assert_eq!(types.len(), 15, "a sample of every request type");
+        assert_eq!(types.len(), 16, "a sample of every request type");
         for request in all {
             let text = serde_json::to_string(&request).unwrap();
             let back: Request = serde_json::from_str(&text).unwrap();
@@ -1294,7 +1317,21 @@ mod tests {
         );
         assert_eq!(
             serde_json::from_value::<Hello>(json!({"version": 1, "role": "host"})).unwrap(),
-            Hello::new(Role::Host)
+            Hello {
+                features: vec![],
+                ..Hello::new(Role::Host)
+            }
+        );
+        assert_eq!(
+            serde_json::to_value(Hello::new(Role::Agent)).unwrap(),
+            json!({"version": 1, "role": "agent", "features": ["deadline"]})
+        );
+        assert_eq!(
+            serde_json::to_value(Request::SetDeadline {
+                expires_at_ms: Some(5)
+            })
+            .unwrap(),
+            json!({"type": "set_deadline", "expires_at_ms": 5})
         );
     }
 

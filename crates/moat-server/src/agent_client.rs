@@ -267,6 +267,8 @@ struct Inner {
     shared: Arc<Shared>,
     writer: mpsc::UnboundedSender<Outgoing>,
     encoder: Encoder,
+    /// The features both Hellos listed.
+    features: Vec<String>,
 }
 
 impl Drop for Inner {
@@ -633,7 +635,10 @@ async fn writer_task(
 }
 
 /// Reads the agent's Hello: the first frame, checked with [`Hello::parse_peer`].
-async fn read_hello(read: &mut OwnedReadHalf, frames: &mut FrameReader) -> Result<(), ClientError> {
+async fn read_hello(
+    read: &mut OwnedReadHalf,
+    frames: &mut FrameReader,
+) -> Result<Hello, ClientError> {
     let frame = match frames.next(read).await {
         Ok(Some(frame)) => frame,
         Ok(None) => return Err(ClientError::Closed),
@@ -645,9 +650,7 @@ async fn read_hello(read: &mut OwnedReadHalf, frames: &mut FrameReader) -> Resul
             frame.kind
         )));
     }
-    Hello::parse_peer(&frame.payload, Role::Agent)
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
-    Ok(())
+    Hello::parse_peer(&frame.payload, Role::Agent).map_err(|e| ClientError::Protocol(e.to_string()))
 }
 
 /// Most bytes of a Hello or `Relayed` frame's payload [`relay`] accepts.
@@ -763,9 +766,10 @@ impl AgentClient {
             write.write_all(&hello).await.map_err(ClientError::Io)?;
             read_hello(&mut read, &mut frames).await
         };
-        tokio::time::timeout(HELLO_TIMEOUT, handshake)
+        let peer = tokio::time::timeout(HELLO_TIMEOUT, handshake)
             .await
             .map_err(|_| ClientError::Timeout)??;
+        let features = Hello::new(Role::Host).common_features(&peer);
 
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -791,6 +795,7 @@ impl AgentClient {
                 shared,
                 writer,
                 encoder,
+                features,
             }),
         })
     }
@@ -967,6 +972,25 @@ impl AgentClient {
             } => Ok(()),
             item => Err(item_error(item)),
         }
+    }
+
+    /// Whether both ends of this connection speak `feature`.
+    pub fn has_feature(&self, feature: &str) -> bool {
+        self.inner.features.iter().any(|f| f == feature)
+    }
+
+    /// Tells the agent when the sandbox's lifetime ends (ms since the Unix epoch; `None`:
+    /// never): then it ends the sandbox itself, whether or not a daemon runs. An agent
+    /// without the `deadline` feature (one that outlived an upgrade) gets nothing, and the
+    /// answer is `Ok(false)`: only a daemon ends that sandbox.
+    pub async fn set_deadline(&self, expires_at_ms: Option<u64>) -> Result<bool, ClientError> {
+        if !self.has_feature(moat_proto::msg::FEATURE_DEADLINE) {
+            return Ok(false);
+        }
+        self.inner
+            .unary_ok(&Request::SetDeadline { expires_at_ms })
+            .await
+            .map(|()| true)
     }
 
     /// Sends `signal` to the process group of a process the agent started (by pid).

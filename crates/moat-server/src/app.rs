@@ -476,6 +476,16 @@ impl App {
             }
         };
         let pooled = record.runtime.is_some();
+        // The sandbox keeps its own deadline from here on, with or without a daemon.
+        if let Err(e) = agent.set_deadline(Some(record.expires_at)).await {
+            kill_runtime(&runtime);
+            let (id2, dir2) = (id.clone(), dir.clone());
+            let _ = db(self, move |s| s.delete_sandbox(&id2)).await;
+            let _ = std::fs::remove_dir_all(dir2);
+            return Err(ApiError::internal(format!(
+                "the sandbox started but its agent did not take its deadline: {e}"
+            )));
+        }
         {
             let id2 = id.clone();
             let rt = runtime.clone();
@@ -710,6 +720,16 @@ impl App {
         .ok_or_else(|| ApiError::internal("the sandbox's cgroup is gone"))?
         .map_err(|e| ApiError::internal(format!("cgroup freezer: {e}")))?;
         sbx.set_state(to);
+        if !pause {
+            // An extension made while it was frozen reaches the agent now.
+            let at = sbx.expires_at.load(Ordering::Relaxed);
+            if let Err(e) = sbx.agent.set_deadline(Some(at)).await {
+                eprintln!(
+                    "moat: sandbox {}: its agent did not take its deadline: {e}",
+                    sbx.id
+                );
+            }
+        }
         let id = sbx.id.clone();
         db(self, move |s| s.set_state(&id, &[from], to)).await?;
         self.audit(
@@ -739,6 +759,15 @@ impl App {
             .await?
             .ok_or_else(|| ApiError::no_sandbox(&sbx.id))?;
         sbx.expires_at.store(got, Ordering::Relaxed);
+        // A paused sandbox's agent is frozen: it takes the new deadline when it is resumed.
+        if sbx.state() == SandboxState::Running {
+            if let Err(e) = sbx.agent.set_deadline(Some(got)).await {
+                eprintln!(
+                    "moat: sandbox {}: its agent did not take the new deadline: {e}",
+                    sbx.id
+                );
+            }
+        }
         self.audit(
             Some(key),
             Some(&sbx.id),
@@ -809,6 +838,17 @@ impl App {
             let policy: Option<Policy> = serde_json::from_str(&rec.policy_json).ok();
             match (agent, policy) {
                 (Some(agent), Some(policy)) if rec.expires_at > now => {
+                    // The record is the truth: a daemon that died between extending it and
+                    // telling the agent is made good here (a paused agent learns it when it
+                    // is resumed).
+                    if rec.state == SandboxState::Running {
+                        if let Err(e) = agent.set_deadline(Some(rec.expires_at)).await {
+                            eprintln!(
+                                "moat: sandbox {}: its agent did not take its deadline: {e}",
+                                rec.id
+                            );
+                        }
+                    }
                     let Some(runtime) = rec.runtime.clone() else {
                         continue;
                     };

@@ -1114,25 +1114,104 @@ fn kill_9_of_the_daemon_with_50_sandboxes_then_restart() {
 }
 
 #[test]
-fn expired_while_the_daemon_was_down() {
+fn a_lifetime_holds_with_the_daemon_gone() {
+    // Sandboxes with a 2 s lifetime, each with a background process, then the daemon is
+    // killed with kill -9: each sandbox ends itself (its agent keeps the deadline) within
+    // 1 s of its deadline, with no daemon running, and the next daemon records them as
+    // expired and leaves nothing behind.
     let mut d = Daemon::start();
-    let id = d.create(json!({"timeout_s": 1}));
-    let pid = init_pid(&d, &id);
+    let mut sandboxes = Vec::new();
+    for _ in 0..3 {
+        let created = d.api("POST", "/v1/sandboxes", Some(json!({"timeout_s": 2})));
+        assert_eq!(created.status, 201, "{}", created.text());
+        let v = created.json();
+        let id = v["id"].as_str().unwrap().to_string();
+        let expires_at = v["expires_at"].as_u64().unwrap();
+        let p = d.api(
+            "POST",
+            &path(&id, "/processes"),
+            Some(json!({"shell": "while :; do sleep 0.1; done"})),
+        );
+        assert_eq!(p.status, 201, "{}", p.text());
+        let pid = init_pid(&d, &id);
+        sandboxes.push((id, expires_at, pid));
+    }
     d.kill9();
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(sandbox_alive(pid), "a sandbox outlives its daemon");
-    d.restart();
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    for (id, expires_at, pid) in &sandboxes {
+        assert!(
+            now_ms() < *expires_at,
+            "the test was too slow: {id} expired before the daemon was killed"
+        );
+        // Alive until its deadline...
+        assert!(sandbox_alive(*pid), "{id} ended before its deadline");
+    }
+    let mut left: Vec<_> = sandboxes.clone();
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while !left.is_empty() && Instant::now() < give_up {
+        left.retain(|(id, expires_at, pid)| {
+            if sandbox_alive(*pid) {
+                return true;
+            }
+            let late = now_ms().saturating_sub(*expires_at);
+            assert!(
+                late <= 1000,
+                "{id} ended {late} ms after its deadline (at most 1000 ms)"
+            );
+            false
+        });
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
-        !sandbox_alive(pid),
-        "expired sandbox not destroyed at restart"
+        left.is_empty(),
+        "sandboxes outlived their lifetime with no daemon: {left:?}"
     );
-    assert_eq!(d.api("GET", &path(&id, ""), None).status, 404);
+    d.restart();
     let ev = d.api("GET", "/v1/events?limit=10000", None).json();
-    assert!(ev["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|e| e["kind"] == "sandbox_expired" && e["sandbox_id"] == id.as_str()));
+    for (id, _, _) in &sandboxes {
+        assert_eq!(d.api("GET", &path(id, ""), None).status, 404);
+        assert!(
+            ev["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["kind"] == "sandbox_expired" && e["sandbox_id"] == id.as_str()),
+            "no sandbox_expired event for {id}"
+        );
+    }
+    let leftover = d.cgroups_left(Duration::from_secs(5));
+    assert!(leftover.is_empty(), "cgroups left: {leftover:?}");
+    let dirs = std::fs::read_dir(d.state.join("sandboxes"))
+        .map(|r| r.count())
+        .unwrap_or(0);
+    assert_eq!(dirs, 0, "sandbox directories left");
+}
+
+#[test]
+fn an_extended_lifetime_reaches_the_agent() {
+    // An extension is the sandbox's own deadline too: with the daemon gone, a sandbox whose
+    // 2 s lifetime was extended to 30 s runs past the first deadline.
+    let mut d = Daemon::start();
+    let id = d.create(json!({"timeout_s": 2}));
+    let pid = init_pid(&d, &id);
+    let ext = d.api(
+        "POST",
+        &path(&id, "/timeout"),
+        Some(json!({"timeout_s": 30})),
+    );
+    assert!(ext.status < 300, "{} {}", ext.status, ext.text());
+    d.kill9();
+    std::thread::sleep(Duration::from_millis(3500));
+    assert!(sandbox_alive(pid), "the sandbox ended at its old deadline");
+    d.restart();
+    assert_eq!(d.api("GET", &path(&id, ""), None).status, 200);
+    assert_eq!(d.sh(&id, "echo still")["stdout"], "still\n");
+    assert_eq!(d.api("DELETE", &path(&id, ""), None).status, 204);
 }
 
 #[test]
