@@ -18,6 +18,12 @@ session of its own so that a Ctrl-C reaches only this script), then:
 3. deletes every sandbox but H (timed: deletes per second), measures exec into H again (alone
    once more: a second reference, against drift of the machine), deletes H, stops the daemon.
 
+Before the first create, after each batch and at the end it also makes and removes 20 empty
+memory cgroups of its own, for what one costs the kernel then: each memcg's shrinker info is
+sized by the most superblocks (tmpfs, proc, devpts, mqueue: several per sandbox) ever alive at
+once since boot and never shrinks, so a sandbox's memcg costs more the more sandboxes there are,
+and an earlier big run on the same boot raises every later figure (reboot to compare runs).
+
 Creation stops early (and says so) when MemAvailable falls below --min-available-mib. Every
 sandbox is deleted and the daemon stopped on the way out, also on Ctrl-C or an error; what is
 left is then looked for (the daemon's spawners' cgroups, sandbox inits) and removed by force,
@@ -41,6 +47,50 @@ def meminfo():
         if k in MEMINFO_KEYS or k == "MemTotal":
             out[k] = int(v.split()[0])
     return out
+
+
+def slab_bytes():
+    total = 0
+    for line in open("/proc/slabinfo").readlines()[2:]:
+        f = line.split()
+        total += int(f[1]) * int(f[3])
+    return total
+
+
+def memcg_probe(n=20):
+    """Slab bytes one new, empty memory cgroup costs now (KiB), from n made and removed in this
+    process's own memory cgroup; None where that cannot be done. Its per-node shrinker info
+    is sized by the most memcg-aware shrinkers (one per superblock: every tmpfs, proc, devpts
+    and mqueue instance) that were ever alive at once since boot, so it shows both how far a
+    run like this one grows it and what an earlier run on the same boot left."""
+    base = None
+    for line in open("/proc/self/cgroup"):
+        _, ctrls, path = line.strip().split(":", 2)
+        if "memory" in ctrls.split(","):
+            base = os.path.join("/sys/fs/cgroup/memory", path.lstrip("/"))
+        elif ctrls == "" and base is None and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+            d = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
+            if "memory" in open(os.path.join(d, "cgroup.subtree_control")).read().split():
+                base = d
+    if not base:
+        return None
+    made = []
+    try:
+        s0 = slab_bytes()
+        for i in range(n):
+            d = os.path.join(base, f"moat-bench-probe-{os.getpid()}-{i}")
+            os.mkdir(d)
+            made.append(d)
+        s1 = slab_bytes()
+    except OSError:
+        return None
+    finally:
+        for d in made:
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+    return (s1 - s0) / n / 1024
 
 
 def rss_kib(pid):
@@ -337,6 +387,14 @@ def report(results):
         k = last["kernel_kib_per_sandbox"]
         L += ["", f"At {last['live']} live, per sandbox (KiB): " +
               ", ".join(f"{n} {v:.0f}" for n, v in k.items()) + "."]
+    nm = [results.get("new_memcg_kib_before")] + [b.get("new_memcg_kib") for b in results["batches"]] \
+        + [results.get("new_memcg_kib_after")]
+    if any(x is not None for x in nm):
+        f = lambda x: "?" if x is None else f"{x:.0f}"
+        L.append("Kernel memory of one new empty memory cgroup (KiB; grows with the most superblocks "
+                 "ever alive at once since boot, and never shrinks): before the first create "
+                 f"{f(nm[0])}, after each batch {', '.join(f(x) for x in nm[1:-1])}, after "
+                 f"the cleanup {f(nm[-1])}. A sandbox's own memory cgroup pays this once more.")
     if results.get("deletes_per_s"):
         L.append(f"Deleting {results['deleted']} sandboxes: {results['deletes_per_s']:.0f}/s "
                  f"with {results['clients']} clients.")
@@ -388,6 +446,7 @@ def main():
     run = Run(a)
     interrupted = None
     try:
+        results["new_memcg_kib_before"] = memcg_probe()
         time.sleep(a.settle)
         m0 = meminfo()  # the daemon up, no sandbox yet
         rss0 = rss_kib(run.proc.pid)
@@ -420,6 +479,7 @@ def main():
             with run.lock:
                 idle = [i for i in run.ids[1:] if i not in run.gone]
             cg = cgroup_kib(c, idle)
+            nm = memcg_probe()
             per = {k: (m[k] - m0[k]) / live for k in MEMINFO_KEYS if k != "MemAvailable"}
             b = {"batch": nb, "live": live, "created": len(lat), "seconds": dt,
                  "creates_per_s": len(lat) / dt,
@@ -429,6 +489,7 @@ def main():
                  "kernel_kib_per_sandbox": per,
                  "daemon_rss_kib_per_sandbox": (rss_kib(run.proc.pid) - rss0) / live,
                  "cgroup_kib_per_sandbox": cg,
+                 "new_memcg_kib": nm,
                  "exec_p50_ms": statistics.median(ex), "exec_p99_ms": pct(ex, 99),
                  "meminfo_kib": m}
             results["batches"].append(b)
@@ -465,6 +526,7 @@ def main():
         results["cleanup"] = run.cleanup()
         signal.signal(signal.SIGINT, signal.default_int_handler)
     results.setdefault("live_at_end", len(run.ids))
+    results["new_memcg_kib_after"] = memcg_probe()
     results["interrupted"] = interrupted
 
     bs = results["batches"]
