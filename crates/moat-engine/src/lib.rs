@@ -1,6 +1,16 @@
-//! The moat engine. For now it holds one building block of `moat serve`: [`store`], the
-//! registry and audit store on SQLite. Plain synchronous code: the daemon owns a [`store::Store`]
-//! on one dedicated thread and sends it requests.
+//! The moat engine: a sandbox's whole life, in one place. Front ends (the HTTP API and MCP in
+//! `moat-server`, the CLI) only adapt: they validate, call the engine and map its
+//! [`error::EngineError`].
+//!
+//! - [`lifecycle`]: the [`Engine`] and its [`lifecycle::Sandbox`]es: create (cold, or taken
+//!   from a warm [`pool`]), destroy, pause, resume, lifetimes (each sandbox's agent keeps its
+//!   own deadline), re-attaching after a restart, auth and scopes ([`lifecycle::Caller`]);
+//! - [`agent_client`]: the host side of the agent protocol;
+//! - [`egress`]: each sandbox's egress pump to the proxy, and its saved secrets;
+//! - [`events`]: the audit log's group-commit writer;
+//! - [`store`]: the registry and audit store on SQLite (below).
+//!
+//! The store is plain synchronous code: the engine runs it off the async threads.
 //!
 //! # The state database
 //!
@@ -41,4 +51,184 @@
 //!   processes on one state directory serialise their writes instead of corrupting or losing
 //!   them.
 
+pub mod agent_client;
+pub mod egress;
+pub mod error;
+pub mod events;
+pub mod lifecycle;
+pub mod pool;
 pub mod store;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+pub use error::{EngineError, EngineResult, ErrorKind};
+pub use lifecycle::Engine;
+
+/// How the engine runs.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Where the registry, the audit log, the admin key and the agents' sockets live.
+    pub state_dir: PathBuf,
+    /// A sandbox's lifetime when the create call gives none. Default 300 s.
+    pub default_ttl_s: u64,
+    /// The longest lifetime a sandbox may have or be extended to. Default 86400 s.
+    pub max_ttl_s: u64,
+    /// The operator's egress settings (private ranges let through, pinned names, the
+    /// resolver, extra upstream roots); sandboxes cannot change them.
+    pub egress: moat_egress::Operator,
+    /// The tier of a sandbox whose create call and policy name none. Default `native`.
+    pub default_tier: moat_policy::Tier,
+    /// Warm pools: how many ready sandboxes of its default policy to keep per tier.
+    pub pools: Vec<(moat_policy::Tier, usize)>,
+}
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("state directory {path}: {message}")]
+    StateDir { path: PathBuf, message: String },
+    #[error("cannot start the sandbox spawner: {0}")]
+    Spawner(#[source] std::io::Error),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// The default state directory: `/var/lib/moat` as root, else `$XDG_STATE_HOME/moat` or
+/// `~/.local/state/moat`.
+pub fn default_state_dir() -> PathBuf {
+    if moat_sys::process::effective_uid() == 0 {
+        return PathBuf::from("/var/lib/moat");
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("moat");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+    PathBuf::from(home).join(".local/state/moat")
+}
+
+/// What the engine sets up before any thread exists: the spawners (forked), the registry, the
+/// first admin key, the audit writer and the cleanup thread. Then [`Prepared::start`], inside
+/// the async runtime.
+pub struct Prepared {
+    cfg: EngineConfig,
+    spawners: Vec<moat_backend::spawner::Spawner>,
+    store: store::Store,
+    events: events::EventLog,
+    cleaner: lifecycle::Cleaner,
+}
+
+/// Prepares the engine. Must be called while the process is still single-threaded: it forks
+/// the spawners (one per CPU, at most 4) before any thread starts.
+pub fn prepare(cfg: EngineConfig) -> Result<Prepared, StartError> {
+    // Many clients and agent connections at once: take the whole fd allowance.
+    let _ = moat_sys::process::raise_nofile();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let mut spawners = Vec::with_capacity(cpus);
+    for _ in 0..cpus {
+        spawners.push(moat_backend::spawner::Spawner::start().map_err(StartError::Spawner)?);
+    }
+    let state_err = |message: String| StartError::StateDir {
+        path: cfg.state_dir.clone(),
+        message,
+    };
+    let store = store::Store::open(&cfg.state_dir).map_err(|e| state_err(e.to_string()))?;
+    let key_file = cfg.state_dir.join("admin.key");
+    match store.ensure_admin_key(&key_file, lifecycle::now_ms()) {
+        Ok(Some(_)) => eprintln!(
+            "moat: created the first admin key in {} (mode 0600): export MOAT_API_KEY=$(cat {})",
+            key_file.display(),
+            key_file.display()
+        ),
+        Ok(None) => {
+            if key_file.exists() {
+                eprintln!("moat: admin key: {}", key_file.display());
+            }
+        }
+        Err(e) => return Err(state_err(e.to_string())),
+    }
+    // Registry writes need not be fsynced (see Store::relax_durability); audit events are,
+    // on the writer's own connection.
+    store
+        .relax_durability()
+        .map_err(|e| state_err(e.to_string()))?;
+    let events = events::EventLog::start(&cfg.state_dir).map_err(state_err)?;
+    let cleaner = lifecycle::Cleaner::start()
+        .map_err(|e| StartError::Runtime(format!("cannot start the cleanup thread: {e}")))?;
+    Ok(Prepared {
+        cfg,
+        spawners,
+        store,
+        events,
+        cleaner,
+    })
+}
+
+/// The engine's own tasks while it runs: the pools' fillers and the lifetime reaper.
+pub struct Running {
+    fillers: Vec<tokio::task::JoinHandle<()>>,
+    reaper: tokio::task::JoinHandle<()>,
+    /// Sandboxes re-attached at the start.
+    pub attached: usize,
+}
+
+impl Prepared {
+    /// Starts the engine, inside a tokio runtime: the egress proxy, then re-attaching to the
+    /// sandboxes that outlived the previous daemon (destroying the expired and the lost), the
+    /// pools and the reaper of lifetimes.
+    pub async fn start(self) -> Result<(Arc<Engine>, Running), StartError> {
+        let proxy = moat_egress::Proxy::new(self.cfg.egress.clone())
+            .map_err(|e| StartError::Runtime(format!("cannot start the egress proxy: {e}")))?;
+        let pools = pool::Pools::new(&self.cfg.pools).map_err(StartError::Runtime)?;
+        let engine = Arc::new(Engine {
+            proxy,
+            cfg: self.cfg,
+            db: Mutex::new(self.store),
+            events: self.events,
+            sandboxes: RwLock::new(Default::default()),
+            spawners: lifecycle::Spawners::new(self.spawners),
+            counters: Default::default(),
+            cleaner: self.cleaner,
+            pools,
+        });
+        let attached = engine.reattach().await.map_err(StartError::Runtime)?;
+        let swept = {
+            let engine = engine.clone();
+            tokio::task::spawn_blocking(move || pool::sweep_leftovers(&engine))
+                .await
+                .unwrap_or(0)
+        };
+        if swept > 0 {
+            eprintln!("moat: destroyed {swept} ready pool sandboxes a previous daemon left");
+        }
+        let fillers = pool::start(&engine);
+        let reaper = {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                loop {
+                    tick.tick().await;
+                    engine.reap_expired().await;
+                }
+            })
+        };
+        Ok((
+            engine,
+            Running {
+                fillers,
+                reaper,
+                attached,
+            },
+        ))
+    }
+}
+
+impl Engine {
+    /// Stops the engine's own tasks and destroys the pools' ready sandboxes (the daemon's
+    /// alone); every other sandbox keeps running, for the next daemon to re-attach.
+    pub async fn stop(self: &Arc<Self>, running: Running) {
+        running.reaper.abort();
+        pool::stop(self, running.fillers).await;
+    }
+}

@@ -1,10 +1,10 @@
-//! The API's one error shape: `{"error":{"code","message"}}` with a fitting HTTP status.
+//! The API's one error shape: `{"error":{"code","message"}}` with a fitting HTTP status. Every
+//! error is the engine's ([`EngineError`]); this maps its kind to a status, once.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use moat_proto::ErrorCode;
-
-use crate::agent_client::ClientError;
+use moat_engine::agent_client::ClientError;
+use moat_engine::error::{EngineError, ErrorKind};
 
 /// An error answered to a client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,6 +12,21 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+}
+
+/// The HTTP status of each kind of engine error.
+pub fn status_of(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
+        ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+    }
 }
 
 impl ApiError {
@@ -24,49 +39,40 @@ impl ApiError {
     }
 
     pub fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+        EngineError::bad_request(message).into()
     }
 
     pub fn unauthorized() -> ApiError {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing, unknown, revoked or expired credentials: send `Authorization: Bearer \
-             <key or token>` (the first admin key is in STATE_DIR/admin.key)",
-        )
+        EngineError::unauthorized().into()
     }
 
     pub fn forbidden(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+        EngineError::forbidden(message).into()
     }
 
     /// The same answer for a missing sandbox and for another tenant's: no existence oracle.
     pub fn no_sandbox(id: &str) -> ApiError {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no sandbox {id}: list yours with GET /v1/sandboxes"),
-        )
+        EngineError::no_sandbox(id).into()
     }
 
     pub fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+        EngineError::not_found(message).into()
     }
 
     pub fn conflict(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::CONFLICT, code, message)
+        EngineError::conflict(code, message).into()
     }
 
     pub fn too_large(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
+        EngineError::too_large(message).into()
     }
 
     pub fn internal(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+        EngineError::internal(message).into()
     }
 
     pub fn unavailable(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+        EngineError::unavailable(message).into()
     }
 
     /// The JSON body.
@@ -87,40 +93,21 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> ApiError {
+        ApiError::new(status_of(e.kind), e.code, e.message)
+    }
+}
+
 impl From<moat_engine::store::StoreError> for ApiError {
     fn from(e: moat_engine::store::StoreError) -> ApiError {
-        ApiError::internal(format!("state database: {e}"))
+        EngineError::from(e).into()
     }
 }
 
 impl From<ClientError> for ApiError {
     fn from(e: ClientError) -> ApiError {
-        match e {
-            ClientError::Agent { code, message } => {
-                let status = match code {
-                    ErrorCode::NotFound => StatusCode::NOT_FOUND,
-                    ErrorCode::PermissionDenied => StatusCode::FORBIDDEN,
-                    ErrorCode::AlreadyExists | ErrorCode::NotEmpty | ErrorCode::Busy => {
-                        StatusCode::CONFLICT
-                    }
-                    ErrorCode::NotADirectory
-                    | ErrorCode::IsADirectory
-                    | ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
-                    ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-                    ErrorCode::Cancelled => StatusCode::CONFLICT,
-                    ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-                };
-                ApiError::new(status, code.as_str(), message)
-            }
-            ClientError::Timeout => ApiError::unavailable(
-                "the sandbox's agent did not answer in time: the sandbox may be paused or \
-                 overloaded",
-            ),
-            other => ApiError::unavailable(format!(
-                "the sandbox's agent is unreachable ({other}): the sandbox may have died; \
-                 delete it and create a new one"
-            )),
-        }
+        EngineError::from(e).into()
     }
 }
 

@@ -20,11 +20,12 @@ use moat_proto::PtySize;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::agent_client::{AgentClient, ExecEvent, ExecSpec};
-use crate::app::{App, Caller, Sandbox};
 use crate::b64;
 use crate::error::{ApiError, ApiResult};
+use crate::http::Auth;
 use crate::http::{parse_json, small_body};
+use moat_engine::agent_client::{AgentClient, ExecEvent, ExecSpec};
+use moat_engine::lifecycle::{Caller, Engine, Sandbox};
 
 /// What a command to run is, as the API takes it.
 #[derive(Deserialize, Default)]
@@ -174,7 +175,7 @@ struct Finished {
 /// Drives one exec to its end: feeds stdin, collects or forwards output under the policy's
 /// cap (Cancel when a stream goes over), and returns how it ended.
 async fn drive(
-    mut exec: crate::agent_client::Exec,
+    mut exec: moat_engine::agent_client::Exec,
     stdin: Option<Vec<u8>>,
     cap: u64,
     started: Instant,
@@ -334,7 +335,7 @@ fn audit_data(spec: &ExecSpec, fin: &Finished) -> Value {
 /// Checks an exec request of `caller` against sandbox `id` and counts it: the sandbox, the
 /// stdin to send, and the request for the agent.
 fn prepare(
-    app: &Arc<App>,
+    app: &Arc<Engine>,
     caller: &Caller,
     id: &str,
     body: &CommandBody,
@@ -353,8 +354,8 @@ fn prepare(
 }
 
 pub async fn exec(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Body,
@@ -409,7 +410,7 @@ pub async fn exec(
 /// Runs a command as `caller` and waits for its result: `POST .../exec` without streaming
 /// (also the MCP tools' way to run commands).
 pub async fn run_to_end(
-    app: &Arc<App>,
+    app: &Arc<Engine>,
     caller: &Caller,
     id: &str,
     body: CommandBody,
@@ -443,7 +444,7 @@ pub async fn run_to_end(
 
 /// Like [`drive`], but each output chunk goes to the client at once (awaiting a slow one).
 async fn drive_streamed(
-    exec: crate::agent_client::Exec,
+    exec: moat_engine::agent_client::Exec,
     stdin: Option<Vec<u8>>,
     cap: u64,
     started: Instant,
@@ -493,8 +494,8 @@ pub fn chunk_json(kind: &str, b: &[u8]) -> Value {
 // ---------------------------------------------------------------------------------------------
 
 pub async fn exec_ws(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Path(id): Path<String>,
     ws: WebSocketUpgrade,
 ) -> ApiResult<Response> {
@@ -516,7 +517,7 @@ async fn ws_send(socket: &mut futures_util::stream::SplitSink<WebSocket, Message
 }
 
 async fn ws_session(
-    app: Arc<App>,
+    app: Arc<Engine>,
     sbx: Arc<Sandbox>,
     key: moat_engine::store::KeyId,
     socket: WebSocket,
@@ -724,8 +725,8 @@ fn proc_json(p: &moat_proto::ProcInfo) -> Value {
 }
 
 pub async fn start_process(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Body,
@@ -763,7 +764,7 @@ pub async fn start_process(
         StatusCode::CREATED,
         Json(
             json!({"pid": pid, "argv": spec.argv, "running": true, "exit_code": null,
-                    "signal": null, "status": null, "started_at": crate::app::now_ms(),
+                    "signal": null, "status": null, "started_at": moat_engine::lifecycle::now_ms(),
                     "finished_at": null}),
         ),
     )
@@ -771,8 +772,8 @@ pub async fn start_process(
 }
 
 pub async fn list_processes(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let sbx = app.visible(&caller, &id, Scope::Exec)?;
@@ -797,8 +798,8 @@ struct SignalBody {
 }
 
 pub async fn signal_process(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Path((id, pid)): Path<(String, u32)>,
     headers: HeaderMap,
     body: Body,
@@ -828,8 +829,8 @@ pub struct OutputQuery {
 }
 
 pub async fn process_output(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Path((id, pid)): Path<(String, u32)>,
     Query(q): Query<OutputQuery>,
 ) -> ApiResult<Response> {
@@ -914,8 +915,8 @@ pub struct StdinQuery {
 const MAX_STDIN: usize = 16 << 20;
 
 pub async fn process_stdin(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Path((id, pid)): Path<(String, u32)>,
     Query(q): Query<StdinQuery>,
     body: Body,

@@ -15,9 +15,10 @@ use moat_proto::{Entry, EntryKind};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::app::{App, Caller, Sandbox};
 use crate::error::{ApiError, ApiResult};
+use crate::http::Auth;
 use crate::http::{parse_json, small_body};
+use moat_engine::lifecycle::{Caller, Engine, Sandbox};
 
 /// Checks a path from a client: absolute, no NUL, at most 4096 bytes. `..` and symlinks are
 /// resolved by the kernel inside the sandbox, where they can only reach the sandbox's files.
@@ -66,7 +67,7 @@ fn truthy(v: &Option<String>) -> bool {
 }
 
 async fn files_sandbox(
-    app: &Arc<App>,
+    app: &Arc<Engine>,
     caller: &Caller,
     id: &str,
     scope: Scope,
@@ -77,8 +78,8 @@ async fn files_sandbox(
 }
 
 pub async fn read(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> ApiResult<Response> {
@@ -122,14 +123,14 @@ pub async fn read(
 }
 
 pub async fn write(
-    State(app): State<Arc<App>>,
-    caller: Result<Caller, ApiError>,
+    State(app): State<Arc<Engine>>,
+    caller: Result<Auth, ApiError>,
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
     body: Body,
 ) -> ApiResult<Json<Value>> {
     let opened = async {
-        let caller = caller?;
+        let caller = caller?.0;
         check_path("path", &q.path)?;
         let mode = match &q.mode {
             None => None,
@@ -191,8 +192,8 @@ pub async fn write(
 }
 
 pub async fn remove(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> ApiResult<StatusCode> {
@@ -202,7 +203,7 @@ pub async fn remove(
 
 /// Removes a file (or a tree, `recursive`) as `caller`.
 pub async fn remove_path(
-    app: &Arc<App>,
+    app: &Arc<Engine>,
     caller: &Caller,
     id: &str,
     path: &str,
@@ -222,8 +223,8 @@ pub async fn remove_path(
 }
 
 pub async fn list(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> ApiResult<Json<Value>> {
@@ -238,7 +239,7 @@ pub async fn list(
 /// Lists a directory `depth` levels deep as `caller`: the entries, and whether the agent cut
 /// the listing short.
 pub async fn list_entries(
-    app: &Arc<App>,
+    app: &Arc<Engine>,
     caller: &Caller,
     id: &str,
     path: &str,
@@ -264,7 +265,7 @@ pub async fn list_entries(
 /// Reads the first `max` bytes of a file as `caller`, with the file's entry (its whole
 /// size): for callers that want a bounded read in memory (the MCP tools).
 pub async fn read_prefix(
-    app: &Arc<App>,
+    app: &Arc<Engine>,
     caller: &Caller,
     id: &str,
     path: &str,
@@ -304,7 +305,7 @@ pub async fn read_prefix(
 /// Writes `data` to a file as `caller` (parents created, the file replaced); the bytes
 /// written.
 pub async fn write_all(
-    app: &Arc<App>,
+    app: &Arc<Engine>,
     caller: &Caller,
     id: &str,
     path: &str,
@@ -333,8 +334,8 @@ pub async fn write_all(
 }
 
 pub async fn stat(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> ApiResult<Json<Value>> {
@@ -360,8 +361,8 @@ struct MkdirBody {
 }
 
 pub async fn mkdir(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Body,
@@ -388,8 +389,8 @@ struct MoveBody {
 }
 
 pub async fn rename(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Body,

@@ -19,13 +19,13 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::app::{db, now_ms, parse_scope, scope_name, App, Caller};
 use crate::error::{ApiError, ApiResult};
+use moat_engine::lifecycle::{db, now_ms, parse_scope, scope_name, Caller, Engine};
 
 /// Largest JSON request body.
 pub const MAX_JSON: usize = 2 << 20;
 
-pub fn router(app: Arc<App>) -> Router {
+pub fn router(app: Arc<Engine>) -> Router {
     let v1 = Router::new()
         .route("/sandboxes", post(create_sandbox).get(list_sandboxes))
         .route("/sandboxes/{id}", get(get_sandbox).delete(delete_sandbox))
@@ -77,7 +77,7 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-async fn count(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+async fn count(State(app): State<Arc<Engine>>, req: Request, next: Next) -> Response {
     app.counters.requests.fetch_add(1, Ordering::Relaxed);
     let resp = next.run(req).await;
     let s = resp.status();
@@ -97,40 +97,24 @@ async fn no_route() -> ApiError {
 // Authentication and parsing
 // ---------------------------------------------------------------------------------------------
 
-impl FromRequestParts<Arc<App>> for Caller {
+/// The authenticated caller of a request (the engine checks the bearer secret and audits a
+/// failure).
+pub struct Auth(pub Caller);
+
+impl FromRequestParts<Arc<Engine>> for Auth {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Caller, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<Engine>) -> Result<Auth, ApiError> {
         let secret = parts
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|s| s.trim().to_owned());
-        let Some(secret) = secret.filter(|s| !s.is_empty() && s.len() < 512) else {
-            audit_auth_failure(app, parts, "no bearer credentials").await;
-            return Err(ApiError::unauthorized());
-        };
-        let principal = db(app, move |s| s.authenticate(&secret, now_ms())).await?;
-        match principal {
-            Some(principal) => Ok(Caller { principal }),
-            None => {
-                audit_auth_failure(app, parts, "unknown, revoked or expired credentials").await;
-                Err(ApiError::unauthorized())
-            }
-        }
+            .and_then(|v| v.strip_prefix("Bearer "));
+        Ok(Auth(
+            app.authenticate(secret, parts.method.as_str(), parts.uri.path())
+                .await?,
+        ))
     }
-}
-
-async fn audit_auth_failure(app: &Arc<App>, parts: &Parts, why: &str) {
-    let _ = app
-        .audit(
-            None,
-            None,
-            EventKind::AuthFailed,
-            json!({"method": parts.method.as_str(), "path": parts.uri.path(), "reason": why}),
-        )
-        .await;
 }
 
 /// Parses a JSON body strictly: a JSON content type (or none), the size bound, and the
@@ -245,8 +229,8 @@ pub fn check_metadata(metadata: &BTreeMap<String, String>) -> ApiResult<()> {
 }
 
 async fn create_sandbox(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
@@ -287,8 +271,8 @@ async fn create_sandbox(
 }
 
 async fn list_sandboxes(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Query(params): RawQuery,
 ) -> ApiResult<Json<Value>> {
     no_extra(&params, &["state"], ())?;
@@ -354,8 +338,8 @@ async fn list_sandboxes(
 }
 
 async fn get_sandbox(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let sbx = app.visible(&caller, &id, Scope::Read)?;
@@ -370,8 +354,8 @@ async fn get_sandbox(
 }
 
 async fn delete_sandbox(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     if caller.is_token() {
@@ -391,8 +375,8 @@ struct TimeoutBody {
 }
 
 async fn set_timeout(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Body,
@@ -410,8 +394,8 @@ async fn set_timeout(
 }
 
 async fn pause(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let sbx = app.visible(&caller, &id, Scope::Exec)?;
@@ -420,8 +404,8 @@ async fn pause(
 }
 
 async fn resume(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let sbx = app.visible(&caller, &id, Scope::Exec)?;
@@ -430,8 +414,8 @@ async fn resume(
 }
 
 async fn metrics(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let sbx = app.visible(&caller, &id, Scope::Read)?;
@@ -471,8 +455,8 @@ struct TokenBody {
 const MAX_TOKEN_TTL_S: u64 = 24 * 3600;
 
 async fn create_token(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
@@ -567,8 +551,8 @@ fn event_json(seq: u64, e: &moat_engine::store::Event) -> Value {
 }
 
 async fn all_events(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Query(q): Query<EventsQuery>,
 ) -> ApiResult<Response> {
     if caller.is_token() {
@@ -580,8 +564,8 @@ async fn all_events(
 }
 
 async fn sandbox_events(
-    State(app): State<Arc<App>>,
-    caller: Caller,
+    State(app): State<Arc<Engine>>,
+    Auth(caller): Auth,
     Path(id): Path<String>,
     Query(q): Query<EventsQuery>,
 ) -> ApiResult<Response> {
@@ -611,7 +595,7 @@ async fn sandbox_events(
 }
 
 async fn events(
-    app: Arc<App>,
+    app: Arc<Engine>,
     caller: Caller,
     sandbox: Option<String>,
     q: EventsQuery,
@@ -760,7 +744,7 @@ async fn openapi() -> Response {
         .into_response()
 }
 
-async fn prometheus(State(app): State<Arc<App>>) -> Response {
+async fn prometheus(State(app): State<Arc<Engine>>) -> Response {
     let c = &app.counters;
     let mut by_state: HashMap<&'static str, u64> = HashMap::new();
     if let Ok(map) = app.sandboxes.read() {

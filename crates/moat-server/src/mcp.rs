@@ -1,6 +1,6 @@
 //! The MCP server: moat's sandbox tools for models (create a sandbox, run a command or code,
 //! write, read and list files, destroy it). The tools are written once, over a [`Backend`]
-//! that does the work: [`AppBackend`] calls the daemon's own [`App`] (the streamable HTTP
+//! that does the work: [`EngineBackend`] calls the daemon's own [`Engine`] (the streamable HTTP
 //! endpoint at `/mcp` on `moat serve`, see [`router`]), and `moat mcp` (stdio) has one that
 //! calls a running daemon's HTTP API.
 //!
@@ -30,10 +30,10 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::app::{App, Caller};
 use crate::b64;
 use crate::error::ApiError;
 use crate::exec::CommandBody;
+use moat_engine::lifecycle::{Caller, Engine};
 
 /// A boxed future, for [`Backend`]'s methods.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -75,6 +75,12 @@ impl ToolError {
 
 impl From<ApiError> for ToolError {
     fn from(e: ApiError) -> ToolError {
+        ToolError::new(e.code, e.message)
+    }
+}
+
+impl From<moat_engine::EngineError> for ToolError {
+    fn from(e: moat_engine::EngineError) -> ToolError {
         ToolError::new(e.code, e.message)
     }
 }
@@ -773,13 +779,13 @@ pub fn list_summary(path: &str, depth: u32, v: &Value) -> Value {
 }
 
 // ---------------------------------------------------------------------------------------------
-// In the daemon: the backend over App, and the /mcp endpoint
+// In the daemon: the backend over Engine, and the /mcp endpoint
 // ---------------------------------------------------------------------------------------------
 
-/// The tools acting through the daemon's own [`App`], as the caller that the `/mcp`
+/// The tools acting through the daemon's own [`Engine`], as the caller that the `/mcp`
 /// endpoint authenticated.
-pub struct AppBackend {
-    pub app: Arc<App>,
+pub struct EngineBackend {
+    pub app: Arc<Engine>,
 }
 
 /// The authenticated caller of the HTTP request that carried this call.
@@ -796,7 +802,7 @@ fn caller_of(cx: &Extensions) -> Result<Caller, ToolError> {
         })
 }
 
-impl Backend for AppBackend {
+impl Backend for EngineBackend {
     fn create(
         &self,
         cx: &Extensions,
@@ -937,8 +943,8 @@ impl Backend for AppBackend {
 
 /// The streamable HTTP MCP endpoint, to mount at `/mcp`: every request must carry the API's
 /// Bearer key or token (401 otherwise), and each tool call acts as that caller.
-pub fn router(app: Arc<App>) -> Router {
-    let backend: Arc<dyn Backend> = Arc::new(AppBackend { app: app.clone() });
+pub fn router(app: Arc<Engine>) -> Router {
+    let backend: Arc<dyn Backend> = Arc::new(EngineBackend { app: app.clone() });
     // The Host check guards unauthenticated local servers against DNS rebinding; every
     // request here is authenticated, and the daemon may be reached by any name.
     let config = StreamableHttpServerConfig::default().disable_allowed_hosts();
@@ -953,11 +959,11 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 /// Authenticates a request to `/mcp` like any API request, and hands the caller on.
-async fn authenticate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+async fn authenticate(State(app): State<Arc<Engine>>, req: Request, next: Next) -> Response {
     let (mut parts, body) = req.into_parts();
     let delete = parts.method == axum::http::Method::DELETE;
-    match Caller::from_request_parts(&mut parts, &app).await {
-        Ok(caller) => {
+    match crate::http::Auth::from_request_parts(&mut parts, &app).await {
+        Ok(crate::http::Auth(caller)) => {
             parts.extensions.insert(caller);
             let mut resp = next.run(Request::from_parts(parts, body)).await;
             // Ending a session is answered 202 by rmcp; clients (the Python SDK) expect 200

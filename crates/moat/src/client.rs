@@ -131,10 +131,10 @@ fn pool_sizes(
     let mut sizes: Vec<(moat_policy::Tier, usize)> = Vec::new();
     let mut set = |tier: &str, n: usize, what: &str| -> std::result::Result<(), String> {
         let tier = moat_policy::Tier::parse(tier).map_err(|e| format!("{what}: {e}"))?;
-        if n > moat_server::pool::MAX_POOL {
+        if n > moat_engine::pool::MAX_POOL {
             return Err(format!(
                 "{what}: {n} is more than the {} ready sandboxes a pool may keep",
-                moat_server::pool::MAX_POOL
+                moat_engine::pool::MAX_POOL
             ));
         }
         sizes.retain(|(t, _)| *t != tier);
@@ -664,13 +664,15 @@ fn serve(mut a: ServeArgs) -> i32 {
         }
     };
     let cfg = moat_server::ServeConfig {
-        default_tier,
-        pools,
         listen: a.listen,
-        state_dir: a.state_dir.unwrap_or_else(default_state_dir),
-        default_ttl_s: a.default_ttl,
-        max_ttl_s: a.max_ttl,
-        egress,
+        engine: moat_engine::EngineConfig {
+            default_tier,
+            pools,
+            state_dir: a.state_dir.unwrap_or_else(default_state_dir),
+            default_ttl_s: a.default_ttl,
+            max_ttl_s: a.max_ttl,
+            egress,
+        },
     };
     match moat_server::serve(cfg) {
         Ok(()) => 0,

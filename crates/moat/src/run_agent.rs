@@ -8,8 +8,8 @@ use moat_api::{ExecResult, Layers, Status, Truncated};
 use moat_backend::cgroup::Cgroup;
 use moat_backend::{SpawnRequest, Spawned};
 use moat_egress::{ConnEvent, EgressSink};
+use moat_engine::agent_client::{AgentClient, ClientError, ExecEvent, ExecSpec};
 use moat_policy::Policy;
-use moat_server::agent_client::{AgentClient, ClientError, ExecEvent, ExecSpec};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -201,7 +201,7 @@ pub fn run(
             }
         }
     }
-    let prepared = moat_server::egress::prepare(&format!("run-{id}"), &policy, &values)?;
+    let prepared = moat_engine::egress::prepare(&format!("run-{id}"), &policy, &values)?;
     if let Some(p) = &prepared {
         for (k, v) in &p.env {
             policy.env.insert(k.clone(), v.clone());
@@ -255,7 +255,7 @@ pub fn run(
             Some(p) => {
                 let proxy = moat_egress::Proxy::new(operator)
                     .map_err(|e| format!("cannot start the egress proxy: {e}"))?;
-                Some(moat_server::egress::start(
+                Some(moat_engine::egress::start(
                     &proxy,
                     socket.clone(),
                     p.cfg,

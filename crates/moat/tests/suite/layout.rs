@@ -108,6 +108,41 @@ fn the_agent_depends_on_proto_policy_and_sys_only() {
 }
 
 #[test]
+fn the_server_only_adapts() {
+    // The HTTP and MCP front ends reach sandboxes through the engine alone: no tier, no
+    // syscall, no agent of their own.
+    let m = manifests();
+    let deps = moat_deps(&m["moat-server"]);
+    for banned in [
+        "moat-backend",
+        "moat-sys",
+        "moat-agent",
+        "moat-egress",
+        "moat-tls",
+    ] {
+        assert!(
+            !deps.iter().any(|d| d == banned),
+            "moat-server depends on {banned}: that belongs to moat-engine (the lifecycle)"
+        );
+    }
+    assert!(deps.iter().any(|d| d == "moat-engine"), "{deps:?}");
+    // And the lifecycle's modules live in the engine, not in the server.
+    let src = root().join("crates/moat-server/src");
+    for moved in [
+        "app.rs",
+        "pool.rs",
+        "agent_client.rs",
+        "egress.rs",
+        "events.rs",
+    ] {
+        assert!(
+            !src.join(moved).exists(),
+            "crates/moat-server/src/{moved} is lifecycle code: it belongs in moat-engine"
+        );
+    }
+}
+
+#[test]
 fn unsafe_is_forbidden_outside_moat_sys() {
     let ws: toml::Table = std::fs::read_to_string(root().join("Cargo.toml"))
         .expect("Cargo.toml")

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::sync::mpsc;
 
-use moat_engine::store::{Event, Store};
+use crate::store::{Event, Store};
 use tokio::sync::{broadcast, oneshot};
 
 type Reply = oneshot::Sender<Result<u64, String>>;

@@ -19,8 +19,8 @@ use bytes::Bytes;
 use moat_api::Status;
 use moat_backend::spawner::Spawner;
 use moat_backend::Spawned;
+use moat_engine::agent_client::{AgentClient, ClientError, Exec, ExecEvent, ExecSpec};
 use moat_proto::{EntryKind, ErrorCode};
-use moat_server::agent_client::{AgentClient, ClientError, Exec, ExecEvent, ExecSpec};
 
 /// Skips the test (returns `None`), or fails it under `CI`.
 fn skip(why: &str) -> Option<Sandbox> {

@@ -7,20 +7,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use moat_api::Layers;
-use moat_backend::cgroup::Cgroup;
-use moat_backend::spawner::Spawner;
-use moat_engine::store::{
+use crate::store::{
     self, Event, EventKind, KeyId, Principal, RuntimeInfo, SandboxFilter, SandboxRecord,
     SandboxState, Scope, Store,
 };
+use moat_api::Layers;
+use moat_backend::cgroup::Cgroup;
+use moat_backend::spawner::Spawner;
 use moat_policy::Policy;
 use serde_json::{json, Value};
 
 use crate::agent_client::AgentClient;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{EngineError, EngineResult, ErrorKind};
 use crate::events::EventLog;
-use crate::ServeConfig;
+use crate::EngineConfig;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -80,7 +80,7 @@ impl Sandbox {
 
     /// A fresh connection to the agent, for a long streamed transfer (so a slow client
     /// stalls only its own transfer).
-    pub async fn dedicated(&self) -> ApiResult<AgentClient> {
+    pub async fn dedicated(&self) -> EngineResult<AgentClient> {
         Ok(AgentClient::connect(&self.runtime.agent_socket).await?)
     }
 
@@ -96,17 +96,17 @@ impl Sandbox {
     }
 
     /// The sandbox must be running for exec and file calls.
-    pub fn require_running(&self) -> ApiResult<()> {
+    pub fn require_running(&self) -> EngineResult<()> {
         match self.state() {
             SandboxState::Running => Ok(()),
-            SandboxState::Paused => Err(ApiError::conflict(
+            SandboxState::Paused => Err(EngineError::conflict(
                 "sandbox_paused",
                 format!(
                     "sandbox {} is paused: resume it first (POST /v1/sandboxes/{}/resume)",
                     self.id, self.id
                 ),
             )),
-            other => Err(ApiError::conflict(
+            other => Err(EngineError::conflict(
                 "sandbox_not_running",
                 format!("sandbox {} is {}", self.id, other.as_str()),
             )),
@@ -130,9 +130,9 @@ pub struct Counters {
     pub egress_kills: AtomicU64,
 }
 
-pub struct App {
+pub struct Engine {
     pub proxy: Arc<moat_egress::Proxy>,
-    pub cfg: ServeConfig,
+    pub cfg: EngineConfig,
     pub db: Mutex<Store>,
     pub events: EventLog,
     pub sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
@@ -234,23 +234,23 @@ impl Caller {
 
     /// Whether this caller may act on `sandbox` with `scope`; a sandbox it may not see at all
     /// is reported exactly like a missing one.
-    pub fn check(&self, sandbox: &Sandbox, scope: Scope) -> ApiResult<()> {
+    pub fn check(&self, sandbox: &Sandbox, scope: Scope) -> EngineResult<()> {
         match &self.principal {
             Principal::Key(k) => {
                 if k.admin || k.id == sandbox.owner {
                     Ok(())
                 } else {
-                    Err(ApiError::no_sandbox(&sandbox.id))
+                    Err(EngineError::no_sandbox(&sandbox.id))
                 }
             }
             Principal::Token(t) => {
                 if t.sandbox_id != sandbox.id {
-                    return Err(ApiError::no_sandbox(&sandbox.id));
+                    return Err(EngineError::no_sandbox(&sandbox.id));
                 }
                 if t.allows(scope) {
                     Ok(())
                 } else {
-                    Err(ApiError::forbidden(format!(
+                    Err(EngineError::forbidden(format!(
                         "this token does not have the `{}` scope",
                         scope_name(scope)
                     )))
@@ -282,29 +282,63 @@ pub fn parse_scope(s: &str) -> Option<Scope> {
 
 /// Runs a closure on the registry's connection off the async threads.
 pub async fn db<T: Send + 'static>(
-    app: &Arc<App>,
+    app: &Arc<Engine>,
     f: impl FnOnce(&Store) -> Result<T, store::StoreError> + Send + 'static,
-) -> ApiResult<T> {
+) -> EngineResult<T> {
     let app = app.clone();
     tokio::task::spawn_blocking(move || {
         let store = app
             .db
             .lock()
-            .map_err(|_| ApiError::internal("state database lock poisoned"))?;
-        f(&store).map_err(ApiError::from)
+            .map_err(|_| EngineError::internal("state database lock poisoned"))?;
+        f(&store).map_err(EngineError::from)
     })
     .await
-    .map_err(|e| ApiError::internal(format!("database task: {e}")))?
+    .map_err(|e| EngineError::internal(format!("database task: {e}")))?
 }
 
-impl App {
+impl Engine {
+    /// Who is calling, from the bearer secret of a request (a key or a scoped token); a
+    /// missing, unknown, revoked or expired one is audited (`auth_failed`, with `method` and
+    /// `path`) and refused. The one authentication of every front end.
+    pub async fn authenticate(
+        self: &Arc<Self>,
+        secret: Option<&str>,
+        method: &str,
+        path: &str,
+    ) -> EngineResult<Caller> {
+        let secret = secret
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty() && s.len() < 512);
+        let why = match secret {
+            None => "no bearer credentials",
+            Some(secret) => match db(self, move |s| s.authenticate(&secret, now_ms())).await? {
+                Some(principal) => return Ok(Caller { principal }),
+                None => "unknown, revoked or expired credentials",
+            },
+        };
+        let _ = self
+            .audit(
+                None,
+                None,
+                EventKind::AuthFailed,
+                json!({"method": method, "path": path, "reason": why}),
+            )
+            .await;
+        Err(EngineError::unauthorized())
+    }
+}
+
+impl Engine {
     pub fn sandbox(&self, id: &str) -> Option<Arc<Sandbox>> {
         self.sandboxes.read().ok()?.get(id).cloned()
     }
 
     /// Finds a sandbox the caller may act on with `scope`.
-    pub fn visible(&self, caller: &Caller, id: &str, scope: Scope) -> ApiResult<Arc<Sandbox>> {
-        let sbx = self.sandbox(id).ok_or_else(|| ApiError::no_sandbox(id))?;
+    pub fn visible(&self, caller: &Caller, id: &str, scope: Scope) -> EngineResult<Arc<Sandbox>> {
+        let sbx = self
+            .sandbox(id)
+            .ok_or_else(|| EngineError::no_sandbox(id))?;
         caller.check(&sbx, scope)?;
         Ok(sbx)
     }
@@ -316,7 +350,7 @@ impl App {
         sandbox: Option<&str>,
         kind: EventKind,
         data: Value,
-    ) -> ApiResult<u64> {
+    ) -> EngineResult<u64> {
         self.events
             .append(Event {
                 ts: now_ms(),
@@ -326,7 +360,7 @@ impl App {
                 data,
             })
             .await
-            .map_err(ApiError::internal)
+            .map_err(EngineError::internal)
     }
 
     fn sandbox_dir(&self, id: &str) -> PathBuf {
@@ -385,7 +419,7 @@ impl App {
         timeout_s: Option<u64>,
         tier: Option<String>,
         secrets: BTreeMap<String, String>,
-    ) -> ApiResult<Arc<Sandbox>> {
+    ) -> EngineResult<Arc<Sandbox>> {
         // The call's tier, else the policy's, else the server's default.
         let mut policy_json = policy_json;
         let in_policy = policy_json
@@ -394,12 +428,12 @@ impl App {
             .map(str::to_string);
         let tier_v = match (&tier, &in_policy) {
             (Some(t), Some(p)) if t != p => {
-                return Err(ApiError::bad_request(format!(
+                return Err(EngineError::bad_request(format!(
                     "tier `{t}` and the policy's tier `{p}` differ: give one"
                 )))
             }
             (Some(t), _) | (None, Some(t)) => {
-                moat_policy::Tier::parse(t).map_err(|e| ApiError::bad_request(e.to_string()))?
+                moat_policy::Tier::parse(t).map_err(|e| EngineError::bad_request(e.to_string()))?
             }
             (None, None) => self.cfg.default_tier,
         };
@@ -407,19 +441,19 @@ impl App {
             o.insert("tier".into(), Value::String(tier_v.as_str().into()));
         }
         let policy: Policy = serde_json::from_value(policy_json.clone())
-            .map_err(|e| ApiError::bad_request(format!("policy: {e}")))?;
+            .map_err(|e| EngineError::bad_request(format!("policy: {e}")))?;
         policy
             .validate()
-            .map_err(|e| ApiError::bad_request(format!("policy: {e}")))?;
+            .map_err(|e| EngineError::bad_request(format!("policy: {e}")))?;
         let ttl_s = timeout_s.unwrap_or(self.cfg.default_ttl_s);
         if ttl_s == 0 {
-            return Err(ApiError::bad_request("timeout_s must be at least 1"));
+            return Err(EngineError::bad_request("timeout_s must be at least 1"));
         }
         let ttl_s = ttl_s.min(self.cfg.max_ttl_s);
         let tier = policy.tier.as_str().to_string();
         let id = store::new_sandbox_id()?;
         let egress = crate::egress::prepare(&id, &policy, &secrets)
-            .map_err(|e| ApiError::bad_request(format!("policy: {e}")))?;
+            .map_err(|e| EngineError::bad_request(format!("policy: {e}")))?;
         let mut policy = policy;
         if let Some(e) = &egress {
             // The workload sees each secret's placeholder, never its value.
@@ -427,7 +461,7 @@ impl App {
                 .as_object_mut()
                 .map(|p| p.entry("env").or_insert_with(|| json!({})))
                 .and_then(Value::as_object_mut)
-                .ok_or_else(|| ApiError::bad_request("policy.env must be an object"))?;
+                .ok_or_else(|| EngineError::bad_request("policy.env must be an object"))?;
             for (k, v) in &e.env {
                 env.insert(k.clone(), Value::String(v.clone()));
                 policy.env.insert(k.clone(), v.clone());
@@ -482,7 +516,7 @@ impl App {
             let (id2, dir2) = (id.clone(), dir.clone());
             let _ = db(self, move |s| s.delete_sandbox(&id2)).await;
             let _ = std::fs::remove_dir_all(dir2);
-            return Err(ApiError::internal(format!(
+            return Err(EngineError::internal(format!(
                 "the sandbox started but its agent did not take its deadline: {e}"
             )));
         }
@@ -538,7 +572,7 @@ impl App {
         r: crate::pool::Ready,
         runtime: RuntimeInfo,
         dir: &Path,
-    ) -> ApiResult<(RuntimeInfo, Layers, AgentClient)> {
+    ) -> EngineResult<(RuntimeInfo, Layers, AgentClient)> {
         let (from, to) = (r.dir.clone(), dir.to_path_buf());
         let rt = r.runtime.clone();
         let moved = tokio::task::spawn_blocking(move || {
@@ -556,14 +590,14 @@ impl App {
             moved
         })
         .await
-        .map_err(|e| ApiError::internal(format!("pool task: {e}")))?;
+        .map_err(|e| EngineError::internal(format!("pool task: {e}")))?;
         if let Err(e) = moved {
             self.counters
                 .create_failures
                 .fetch_add(1, Ordering::Relaxed);
             let id2 = id.to_string();
             let _ = db(self, move |s| s.delete_sandbox(&id2)).await;
-            return Err(ApiError::internal(format!(
+            return Err(EngineError::internal(format!(
                 "cannot take a sandbox from the pool: {e}"
             )));
         }
@@ -578,7 +612,7 @@ impl App {
         socket: &Path,
         dir: &Path,
         ca_pem: Option<String>,
-    ) -> ApiResult<(RuntimeInfo, Layers, AgentClient)> {
+    ) -> EngineResult<(RuntimeInfo, Layers, AgentClient)> {
         let id = id.to_string();
         let spawned = {
             let app = self.clone();
@@ -590,7 +624,7 @@ impl App {
                 app.spawners.spawn(&policy_json, &socket, ca_pem.as_deref())
             })
             .await
-            .map_err(|e| ApiError::internal(format!("spawn task: {e}")))?
+            .map_err(|e| EngineError::internal(format!("spawn task: {e}")))?
         };
         let spawned = match spawned {
             Ok(s) => s,
@@ -601,8 +635,8 @@ impl App {
                 let id2 = id.clone();
                 let _ = db(self, move |s| s.delete_sandbox(&id2)).await;
                 let _ = std::fs::remove_dir_all(dir);
-                return Err(ApiError::new(
-                    axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                return Err(EngineError::new(
+                    ErrorKind::Unprocessable,
                     "sandbox_failed",
                     format!("cannot start the sandbox: {e}"),
                 ));
@@ -616,7 +650,7 @@ impl App {
                 let id2 = id.clone();
                 let _ = db(self, move |s| s.delete_sandbox(&id2)).await;
                 let _ = std::fs::remove_dir_all(dir);
-                Err(ApiError::internal(format!(
+                Err(EngineError::internal(format!(
                     "the sandbox started but its agent did not answer: {e}"
                 )))
             }
@@ -630,7 +664,7 @@ impl App {
         sbx: &Arc<Sandbox>,
         key: Option<&KeyId>,
         reason: &str,
-    ) -> ApiResult<()> {
+    ) -> EngineResult<()> {
         let _guard = sbx.lifecycle.lock().await;
         if self.sandbox(&sbx.id).is_none() {
             return Ok(());
@@ -656,7 +690,7 @@ impl App {
             cleaner.remove(runtime);
         })
         .await
-        .map_err(|e| ApiError::internal(format!("destroy task: {e}")))?;
+        .map_err(|e| EngineError::internal(format!("destroy task: {e}")))?;
         {
             let id = sbx.id.clone();
             db(self, move |s| s.delete_sandbox(&id)).await?;
@@ -688,7 +722,7 @@ impl App {
         sbx: &Arc<Sandbox>,
         key: &KeyId,
         pause: bool,
-    ) -> ApiResult<()> {
+    ) -> EngineResult<()> {
         let _guard = sbx.lifecycle.lock().await;
         let (from, to) = if pause {
             (SandboxState::Running, SandboxState::Paused)
@@ -700,13 +734,13 @@ impl App {
             return Ok(());
         }
         if now != from {
-            return Err(ApiError::conflict(
+            return Err(EngineError::conflict(
                 "sandbox_not_running",
                 format!("sandbox {} is {}", sbx.id, now.as_str()),
             ));
         }
         if sbx.runtime.cgroup_paths.is_empty() {
-            return Err(ApiError::conflict(
+            return Err(EngineError::conflict(
                 "no_cgroup",
                 "this sandbox runs without a cgroup, so it cannot be paused",
             ));
@@ -716,9 +750,9 @@ impl App {
             sbx2.with_cgroup(|cg| if pause { cg.freeze() } else { cg.thaw() })
         })
         .await
-        .map_err(|e| ApiError::internal(format!("freezer task: {e}")))?
-        .ok_or_else(|| ApiError::internal("the sandbox's cgroup is gone"))?
-        .map_err(|e| ApiError::internal(format!("cgroup freezer: {e}")))?;
+        .map_err(|e| EngineError::internal(format!("freezer task: {e}")))?
+        .ok_or_else(|| EngineError::internal("the sandbox's cgroup is gone"))?
+        .map_err(|e| EngineError::internal(format!("cgroup freezer: {e}")))?;
         sbx.set_state(to);
         if !pause {
             // An extension made while it was frozen reaches the agent now.
@@ -748,16 +782,16 @@ impl App {
         sbx: &Arc<Sandbox>,
         key: &KeyId,
         timeout_s: u64,
-    ) -> ApiResult<u64> {
+    ) -> EngineResult<u64> {
         if timeout_s == 0 {
-            return Err(ApiError::bad_request("timeout_s must be at least 1"));
+            return Err(EngineError::bad_request("timeout_s must be at least 1"));
         }
         let id = sbx.id.clone();
         let want = now_ms().saturating_add(timeout_s.saturating_mul(1000));
         let max = Duration::from_secs(self.cfg.max_ttl_s);
         let got = db(self, move |s| s.extend_expiry(&id, want, max))
             .await?
-            .ok_or_else(|| ApiError::no_sandbox(&sbx.id))?;
+            .ok_or_else(|| EngineError::no_sandbox(&sbx.id))?;
         sbx.expires_at.store(got, Ordering::Relaxed);
         // A paused sandbox's agent is frozen: it takes the new deadline when it is resumed.
         if sbx.state() == SandboxState::Running {
@@ -994,7 +1028,7 @@ pub(crate) fn make_private_dir(dir: &Path) -> Result<(), String> {
 /// Where the egress proxy's connection events go: the audit log, the metrics, and (past
 /// the policy's `max_denials`) the sandbox's end.
 struct AuditSink {
-    app: std::sync::Weak<App>,
+    app: std::sync::Weak<Engine>,
     tx: tokio::sync::mpsc::UnboundedSender<(String, Value)>,
 }
 

@@ -14,13 +14,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::store::{self, RuntimeInfo};
 use moat_api::Layers;
-use moat_engine::store::{self, RuntimeInfo};
 use moat_policy::{Policy, Tier};
 use serde_json::{json, Value};
 
 use crate::agent_client::AgentClient;
-use crate::app::App;
+use crate::lifecycle::Engine;
 
 /// The most ready sandboxes one tier's pool may keep.
 pub const MAX_POOL: usize = 64;
@@ -96,7 +96,7 @@ impl Pools {
         let mut got = None;
         if eligible && *policy == pool.profile {
             while let Some(r) = pool.ready.lock().ok().and_then(|mut q| q.pop_front()) {
-                if moat_backend::alive_spawned(&crate::app::spawned_of(&r.runtime)) {
+                if moat_backend::alive_spawned(&crate::lifecycle::spawned_of(&r.runtime)) {
                     got = Some(r);
                     break;
                 }
@@ -121,16 +121,16 @@ impl Pools {
 
 /// Kills a ready sandbox and removes its directory (blocking).
 pub(crate) fn discard(dir: &Path, rt: &RuntimeInfo) {
-    crate::app::kill_runtime(rt);
+    crate::lifecycle::kill_runtime(rt);
     let _ = std::fs::remove_dir_all(dir);
 }
 
-fn pool_root(app: &App) -> PathBuf {
+fn pool_root(app: &Engine) -> PathBuf {
     app.cfg.state_dir.join("pool")
 }
 
 /// On start: destroys the ready sandboxes a previous daemon left (it died before it could).
-pub fn sweep_leftovers(app: &App) -> usize {
+pub fn sweep_leftovers(app: &Engine) -> usize {
     let Ok(rd) = std::fs::read_dir(pool_root(app)) else {
         return 0;
     };
@@ -141,7 +141,7 @@ pub fn sweep_leftovers(app: &App) -> usize {
             .ok()
             .and_then(|b| serde_json::from_slice::<RuntimeInfo>(&b).ok());
         if let Some(rt) = rt {
-            crate::app::kill_runtime(&rt);
+            crate::lifecycle::kill_runtime(&rt);
             n += 1;
         }
         let _ = std::fs::remove_dir_all(&dir);
@@ -151,7 +151,7 @@ pub fn sweep_leftovers(app: &App) -> usize {
 
 /// Starts one filler task per pool: each keeps its pool full, one sandbox at a time, and
 /// waits to be woken by a take. Returns the tasks, for [`stop`].
-pub fn start(app: &Arc<App>) -> Vec<tokio::task::JoinHandle<()>> {
+pub fn start(app: &Arc<Engine>) -> Vec<tokio::task::JoinHandle<()>> {
     (0..app.pools.tiers.len())
         .map(|i| {
             let app = app.clone();
@@ -160,7 +160,7 @@ pub fn start(app: &Arc<App>) -> Vec<tokio::task::JoinHandle<()>> {
         .collect()
 }
 
-async fn fill(app: Arc<App>, i: usize) {
+async fn fill(app: Arc<Engine>, i: usize) {
     let pools = &app.pools;
     let pool = &pools.tiers[i];
     let mut failures = 0u32;
@@ -204,7 +204,7 @@ async fn fill(app: Arc<App>, i: usize) {
     }
 }
 
-async fn start_one(app: &Arc<App>, pool: &TierPool) -> Result<Ready, String> {
+async fn start_one(app: &Arc<Engine>, pool: &TierPool) -> Result<Ready, String> {
     let name = store::new_sandbox_id().map_err(|e| e.to_string())?;
     let dir = pool_root(app).join(name.replacen("sbx_", "pool_", 1));
     let socket = dir.join("agent.sock");
@@ -214,7 +214,7 @@ async fn start_one(app: &Arc<App>, pool: &TierPool) -> Result<Ready, String> {
         let socket = socket.clone();
         let policy_json = pool.profile_json.clone();
         tokio::task::spawn_blocking(move || -> Result<_, String> {
-            crate::app::make_private_dir(&dir)?;
+            crate::lifecycle::make_private_dir(&dir)?;
             app.spawners.spawn(&policy_json, &socket, None)
         })
         .await
@@ -227,7 +227,7 @@ async fn start_one(app: &Arc<App>, pool: &TierPool) -> Result<Ready, String> {
             return Err(e);
         }
     };
-    let runtime = crate::app::runtime_of(&spawned, &socket);
+    let runtime = crate::lifecycle::runtime_of(&spawned, &socket);
     let saved = serde_json::to_vec(&runtime)
         .map_err(|e| e.to_string())
         .and_then(|b| {
@@ -255,7 +255,7 @@ async fn start_one(app: &Arc<App>, pool: &TierPool) -> Result<Ready, String> {
 }
 
 /// On stop: no new ready sandboxes, and those ready are destroyed.
-pub async fn stop(app: &Arc<App>, fillers: Vec<tokio::task::JoinHandle<()>>) {
+pub async fn stop(app: &Arc<Engine>, fillers: Vec<tokio::task::JoinHandle<()>>) {
     app.pools.stopping.store(true, Ordering::Relaxed);
     for p in &app.pools.tiers {
         p.wake.notify_one();
