@@ -55,6 +55,7 @@ pub mod agent_client;
 pub mod egress;
 pub mod error;
 pub mod events;
+pub mod launcher;
 pub mod lifecycle;
 pub mod pool;
 pub mod store;
@@ -113,7 +114,7 @@ pub fn default_state_dir() -> PathBuf {
 /// the async runtime.
 pub struct Prepared {
     cfg: EngineConfig,
-    spawners: Vec<moat_backend::spawner::Spawner>,
+    launcher: Arc<dyn launcher::Launcher>,
     store: store::Store,
     events: events::EventLog,
     cleaner: lifecycle::Cleaner,
@@ -129,6 +130,15 @@ pub fn prepare(cfg: EngineConfig) -> Result<Prepared, StartError> {
     for _ in 0..cpus {
         spawners.push(moat_backend::spawner::Spawner::start().map_err(StartError::Spawner)?);
     }
+    prepare_with(cfg, Arc::new(launcher::Spawners::new(spawners)))
+}
+
+/// [`prepare`] with a launcher of the caller's (the engine's tests run one that needs no
+/// root).
+pub fn prepare_with(
+    cfg: EngineConfig,
+    launcher: Arc<dyn launcher::Launcher>,
+) -> Result<Prepared, StartError> {
     let state_err = |message: String| StartError::StateDir {
         path: cfg.state_dir.clone(),
         message,
@@ -154,11 +164,11 @@ pub fn prepare(cfg: EngineConfig) -> Result<Prepared, StartError> {
         .relax_durability()
         .map_err(|e| state_err(e.to_string()))?;
     let events = events::EventLog::start(&cfg.state_dir).map_err(state_err)?;
-    let cleaner = lifecycle::Cleaner::start()
+    let cleaner = lifecycle::Cleaner::start(launcher.clone())
         .map_err(|e| StartError::Runtime(format!("cannot start the cleanup thread: {e}")))?;
     Ok(Prepared {
         cfg,
-        spawners,
+        launcher,
         store,
         events,
         cleaner,
@@ -171,6 +181,17 @@ pub struct Running {
     reaper: tokio::task::JoinHandle<()>,
     /// Sandboxes re-attached at the start.
     pub attached: usize,
+}
+
+impl Running {
+    /// Ends the engine's tasks and nothing else: no sandbox is touched, as when the daemon
+    /// dies (tests use it to act out a crash).
+    pub fn abandon(self) {
+        self.reaper.abort();
+        for f in self.fillers {
+            f.abort();
+        }
+    }
 }
 
 impl Prepared {
@@ -187,7 +208,7 @@ impl Prepared {
             db: Mutex::new(self.store),
             events: self.events,
             sandboxes: RwLock::new(Default::default()),
-            spawners: lifecycle::Spawners::new(self.spawners),
+            launcher: self.launcher,
             counters: Default::default(),
             cleaner: self.cleaner,
             pools,

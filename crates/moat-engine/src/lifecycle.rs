@@ -12,14 +12,13 @@ use crate::store::{
     SandboxState, Scope, Store,
 };
 use moat_api::Layers;
-use moat_backend::cgroup::Cgroup;
-use moat_backend::spawner::Spawner;
 use moat_policy::Policy;
 use serde_json::{json, Value};
 
 use crate::agent_client::AgentClient;
 use crate::error::{EngineError, EngineResult, ErrorKind};
 use crate::events::EventLog;
+use crate::launcher::Launcher;
 use crate::EngineConfig;
 
 /// Milliseconds since the Unix epoch.
@@ -48,6 +47,18 @@ pub struct Sandbox {
     pub lifecycle: tokio::sync::Mutex<()>,
     /// The egress relay pump (network mode `allowlist`); dropped with the sandbox.
     pub egress: Mutex<Option<crate::egress::Pump>>,
+    /// What acts on its processes and cgroup.
+    pub launcher: Arc<dyn Launcher>,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("id", &self.id)
+            .field("tier", &self.tier)
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Sandbox {
@@ -84,15 +95,9 @@ impl Sandbox {
         Ok(AgentClient::connect(&self.runtime.agent_socket).await?)
     }
 
-    /// Runs `f` on a handle to the sandbox's cgroup; `None` when it has none. The handle is
-    /// disarmed afterwards (dropping an armed one would remove the cgroup).
-    fn with_cgroup<T>(&self, f: impl FnOnce(&Cgroup) -> T) -> Option<T> {
-        with_cgroup(&self.runtime.cgroup_paths, f)
-    }
-
     /// OOM kills in the sandbox's cgroup so far (0 without cgroups).
     pub fn oom_kills(&self) -> u64 {
-        self.with_cgroup(|c| c.oom_kills()).unwrap_or(0)
+        self.launcher.oom_kills(&self.runtime)
     }
 
     /// The sandbox must be running for exec and file calls.
@@ -136,49 +141,10 @@ pub struct Engine {
     pub db: Mutex<Store>,
     pub events: EventLog,
     pub sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
-    pub spawners: Spawners,
+    pub launcher: Arc<dyn Launcher>,
     pub counters: Counters,
     pub cleaner: Cleaner,
     pub pools: crate::pool::Pools,
-}
-
-/// The spawner processes (single-threaded, forked before the runtime started): one per CPU,
-/// so that sandboxes start in parallel; a create takes the first free one.
-pub struct Spawners {
-    pool: Vec<Mutex<Spawner>>,
-    next: AtomicU64,
-}
-
-impl Spawners {
-    pub fn new(pool: Vec<Spawner>) -> Spawners {
-        Spawners {
-            pool: pool.into_iter().map(Mutex::new).collect(),
-            next: AtomicU64::new(0),
-        }
-    }
-
-    /// Starts a sandbox on a free spawner (blocking).
-    pub fn spawn(
-        &self,
-        policy_json: &Value,
-        socket: &Path,
-        ca_pem: Option<&str>,
-    ) -> Result<moat_backend::Spawned, String> {
-        let n = self.pool.len();
-        if n == 0 {
-            return Err("no spawner is running".into());
-        }
-        let start = self.next.fetch_add(1, Ordering::Relaxed) as usize;
-        for i in 0..n {
-            if let Ok(mut s) = self.pool[(start + i) % n].try_lock() {
-                return s.spawn_with_ca(policy_json, socket, ca_pem);
-            }
-        }
-        let mut s = self.pool[start % n]
-            .lock()
-            .map_err(|_| "the spawner lock is poisoned".to_string())?;
-        s.spawn_with_ca(policy_json, socket, ca_pem)
-    }
 }
 
 /// Removes destroyed sandboxes' cgroups on a thread of its own, off the request path, one
@@ -186,25 +152,27 @@ impl Spawners {
 #[derive(Clone)]
 pub struct Cleaner {
     tx: std::sync::mpsc::Sender<RuntimeInfo>,
+    launcher: Arc<dyn Launcher>,
 }
 
 impl Cleaner {
-    pub fn start() -> std::io::Result<Cleaner> {
+    pub fn start(launcher: Arc<dyn Launcher>) -> std::io::Result<Cleaner> {
         let (tx, rx) = std::sync::mpsc::channel::<RuntimeInfo>();
+        let l = launcher.clone();
         std::thread::Builder::new()
             .name("moat-cleaner".into())
             .spawn(move || {
                 while let Ok(rt) = rx.recv() {
-                    remove_cgroup(&rt);
+                    l.remove_cgroup(&rt);
                 }
             })?;
-        Ok(Cleaner { tx })
+        Ok(Cleaner { tx, launcher })
     }
 
     /// Queues the removal of a dead sandbox's cgroup; done at once if the thread is gone.
     pub fn remove(&self, rt: RuntimeInfo) {
         if let Err(std::sync::mpsc::SendError(rt)) = self.tx.send(rt) {
-            remove_cgroup(&rt);
+            self.launcher.remove_cgroup(&rt);
         }
     }
 }
@@ -470,9 +438,11 @@ impl Engine {
         let ca_pem = egress.as_ref().and_then(|e| e.ca_pem.clone());
         // A warm pool's sandbox when the policy is its tier's default and nothing is bound
         // to this sandbox alone (secrets, a CA); its socket moves with its directory.
-        let pooled = self
-            .pools
-            .take(&policy, egress.is_none() && secrets.is_empty());
+        let pooled = self.pools.take(
+            &self.launcher,
+            &policy,
+            egress.is_none() && secrets.is_empty(),
+        );
         let dir = self.sandbox_dir(&id);
         let socket = dir.join("agent.sock");
         let pooled_runtime = pooled.as_ref().map(|r| RuntimeInfo {
@@ -497,7 +467,9 @@ impl Engine {
             let inserted = db(self, move |s| s.insert_sandbox(&record)).await;
             if let (Err(e), Some(r)) = (&inserted, &pooled) {
                 let (d, rt) = (r.dir.clone(), r.runtime.clone());
-                let _ = tokio::task::spawn_blocking(move || crate::pool::discard(&d, &rt)).await;
+                let l = self.launcher.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || crate::pool::discard(&*l, &d, &rt)).await;
                 return Err(e.clone());
             }
             inserted?;
@@ -512,7 +484,7 @@ impl Engine {
         let pooled = record.runtime.is_some();
         // The sandbox keeps its own deadline from here on, with or without a daemon.
         if let Err(e) = agent.set_deadline(Some(record.expires_at)).await {
-            kill_runtime(&runtime);
+            self.launcher.destroy(&runtime);
             let (id2, dir2) = (id.clone(), dir.clone());
             let _ = db(self, move |s| s.delete_sandbox(&id2)).await;
             let _ = std::fs::remove_dir_all(dir2);
@@ -543,6 +515,7 @@ impl Engine {
             agent,
             lifecycle: tokio::sync::Mutex::new(()),
             egress: Mutex::new(None),
+            launcher: self.launcher.clone(),
         });
         if let Some(e) = egress {
             if let Err(err) = crate::egress::save(&self.egress_file(&id), &e.cfg) {
@@ -575,6 +548,7 @@ impl Engine {
     ) -> EngineResult<(RuntimeInfo, Layers, AgentClient)> {
         let (from, to) = (r.dir.clone(), dir.to_path_buf());
         let rt = r.runtime.clone();
+        let launcher = self.launcher.clone();
         let moved = tokio::task::spawn_blocking(move || {
             let moved = to.parent().map_or(Ok(()), make_private_dir).and_then(|()| {
                 std::fs::rename(&from, &to)
@@ -585,7 +559,7 @@ impl Engine {
                 Ok(()) => {
                     let _ = std::fs::remove_file(to.join("runtime.json"));
                 }
-                Err(_) => crate::pool::discard(&from, &rt),
+                Err(_) => crate::pool::discard(&*launcher, &from, &rt),
             }
             moved
         })
@@ -621,7 +595,7 @@ impl Engine {
             let policy_json = policy_json.clone();
             tokio::task::spawn_blocking(move || -> Result<_, String> {
                 make_private_dir(&dir)?;
-                app.spawners.spawn(&policy_json, &socket, ca_pem.as_deref())
+                app.launcher.spawn(&policy_json, &socket, ca_pem.as_deref())
             })
             .await
             .map_err(|e| EngineError::internal(format!("spawn task: {e}")))?
@@ -642,11 +616,11 @@ impl Engine {
                 ));
             }
         };
-        let runtime = runtime_of(&spawned, socket);
+        let runtime = spawned.runtime;
         match AgentClient::connect(socket).await {
             Ok(a) => Ok((runtime, spawned.layers, a)),
             Err(e) => {
-                kill_runtime(&runtime);
+                self.launcher.destroy(&runtime);
                 let id2 = id.clone();
                 let _ = db(self, move |s| s.delete_sandbox(&id2)).await;
                 let _ = std::fs::remove_dir_all(dir);
@@ -679,10 +653,11 @@ impl Engine {
         let dir = self.sandbox_dir(&sbx.id);
         let egress_file = self.egress_file(&sbx.id);
         let cleaner = self.cleaner.clone();
+        let launcher = self.launcher.clone();
         tokio::task::spawn_blocking(move || {
             // Synchronously: init is dead (and with it, by the kernel, everything in its pid
             // namespace) and its socket gone before the call is answered.
-            kill_init(&runtime);
+            launcher.kill(&runtime);
             let _ = std::fs::remove_dir_all(&dir);
             let _ = std::fs::remove_file(&egress_file);
             // Off the request path: the cgroup, which the kernel releases only once every
@@ -746,13 +721,10 @@ impl Engine {
             ));
         }
         let sbx2 = sbx.clone();
-        tokio::task::spawn_blocking(move || {
-            sbx2.with_cgroup(|cg| if pause { cg.freeze() } else { cg.thaw() })
-        })
-        .await
-        .map_err(|e| EngineError::internal(format!("freezer task: {e}")))?
-        .ok_or_else(|| EngineError::internal("the sandbox's cgroup is gone"))?
-        .map_err(|e| EngineError::internal(format!("cgroup freezer: {e}")))?;
+        tokio::task::spawn_blocking(move || sbx2.launcher.set_frozen(&sbx2.runtime, pause))
+            .await
+            .map_err(|e| EngineError::internal(format!("freezer task: {e}")))?
+            .map_err(EngineError::internal)?;
         sbx.set_state(to);
         if !pause {
             // An extension made while it was frozen reaches the agent now.
@@ -814,7 +786,7 @@ impl Engine {
 
     /// cpu, memory and pids of the whole sandbox, from its cgroup.
     pub fn metrics(&self, sbx: &Sandbox) -> Value {
-        match sbx.with_cgroup(|cg| cg.stats()) {
+        match self.launcher.usage(&sbx.runtime) {
             Some(s) => json!({"cpu_ms": s.cpu_usec / 1000, "memory_bytes": s.memory_bytes,
                               "pids": s.pids}),
             None => json!({"cpu_ms": null, "memory_bytes": null, "pids": null}),
@@ -843,10 +815,7 @@ impl Engine {
         let now = now_ms();
         let mut attached = 0;
         for rec in records {
-            let alive = rec
-                .runtime
-                .as_ref()
-                .is_some_and(|r| moat_backend::alive_spawned(&spawned_of(r)));
+            let alive = rec.runtime.as_ref().is_some_and(|r| self.launcher.alive(r));
             let live_state = matches!(rec.state, SandboxState::Running | SandboxState::Paused);
             let agent = match (&rec.runtime, alive && live_state) {
                 (Some(rt), true) => {
@@ -854,16 +823,13 @@ impl Engine {
                     // it again.
                     let paused = rec.state == SandboxState::Paused;
                     if paused {
-                        let p = rt.cgroup_paths.clone();
-                        let _ = tokio::task::spawn_blocking(move || with_cgroup(&p, |c| c.thaw()))
-                            .await;
+                        let (l, rt) = (self.launcher.clone(), rt.clone());
+                        let _ = tokio::task::spawn_blocking(move || l.set_frozen(&rt, false)).await;
                     }
                     let agent = AgentClient::connect(&rt.agent_socket).await.ok();
                     if paused {
-                        let p = rt.cgroup_paths.clone();
-                        let _ =
-                            tokio::task::spawn_blocking(move || with_cgroup(&p, |c| c.freeze()))
-                                .await;
+                        let (l, rt) = (self.launcher.clone(), rt.clone());
+                        let _ = tokio::task::spawn_blocking(move || l.set_frozen(&rt, true)).await;
                     }
                     agent
                 }
@@ -905,6 +871,7 @@ impl Engine {
                         agent,
                         lifecycle: tokio::sync::Mutex::new(()),
                         egress: Mutex::new(None),
+                        launcher: self.launcher.clone(),
                     });
                     self.reattach_egress(&sbx);
                     if let Ok(mut map) = self.sandboxes.write() {
@@ -920,7 +887,8 @@ impl Engine {
                     };
                     if let Some(rt) = &rec.runtime {
                         let rt = rt.clone();
-                        let _ = tokio::task::spawn_blocking(move || kill_runtime(&rt)).await;
+                        let l = self.launcher.clone();
+                        let _ = tokio::task::spawn_blocking(move || l.destroy(&rt)).await;
                     }
                     let _ = std::fs::remove_dir_all(self.sandbox_dir(&rec.id));
                     let _ = std::fs::remove_file(self.egress_file(&rec.id));
@@ -946,74 +914,9 @@ impl Engine {
     }
 }
 
-/// What the registry keeps of a started sandbox whose agent listens at `socket`.
-pub(crate) fn runtime_of(spawned: &moat_backend::Spawned, socket: &Path) -> RuntimeInfo {
-    RuntimeInfo {
-        init_pid: spawned.pid,
-        init_start_time: spawned.start_time,
-        agent_socket: socket.to_path_buf(),
-        cgroup_paths: spawned.cgroup_paths.clone(),
-        tier_state: spawned
-            .gvisor
-            .as_ref()
-            .and_then(|g| serde_json::to_value(g).ok()),
-        layers: serde_json::to_value(&spawned.layers).ok(),
-    }
-}
-
 /// The layers a stored runtime kept from its sandbox's start.
 fn rt_layers(rt: &Option<RuntimeInfo>) -> Option<Layers> {
     serde_json::from_value(rt.as_ref()?.layers.clone()?).ok()
-}
-
-/// Runs `f` on a handle to the cgroup at `paths`, then disarms the handle (dropping an armed
-/// one removes the cgroup).
-fn with_cgroup<T>(paths: &[PathBuf], f: impl FnOnce(&Cgroup) -> T) -> Option<T> {
-    if paths.is_empty() {
-        return None;
-    }
-    let cg = Cgroup::open(paths.to_vec()).ok()?;
-    let out = f(&cg);
-    let _ = cg.into_paths();
-    Some(out)
-}
-
-/// Kills a sandbox's init and everything left in its cgroup, then removes the cgroup; safe
-/// to call for a sandbox already gone.
-pub(crate) fn kill_runtime(rt: &RuntimeInfo) {
-    kill_init(rt);
-    remove_cgroup(rt);
-}
-
-/// Kills a sandbox's init and waits until it is gone (the kernel then kills the rest of its
-/// pid namespace); thaws a paused sandbox first, since frozen tasks cannot die.
-fn kill_init(rt: &RuntimeInfo) {
-    with_cgroup(&rt.cgroup_paths, |cg| cg.thaw());
-    let _ = moat_backend::destroy_spawned(&spawned_of(rt));
-}
-
-/// The backend's view of a stored sandbox, for the tier-dispatching calls.
-pub(crate) fn spawned_of(rt: &RuntimeInfo) -> moat_backend::Spawned {
-    moat_backend::Spawned {
-        pid: rt.init_pid,
-        start_time: rt.init_start_time,
-        cgroup_paths: rt.cgroup_paths.clone(),
-        layers: Layers::default(),
-        gvisor: rt
-            .tier_state
-            .as_ref()
-            .and_then(|v| serde_json::from_value(v.clone()).ok()),
-    }
-}
-
-/// Kills whatever is left in a sandbox's cgroup and removes it.
-fn remove_cgroup(rt: &RuntimeInfo) {
-    if !rt.cgroup_paths.is_empty() {
-        if let Ok(mut cg) = Cgroup::open(rt.cgroup_paths.clone()) {
-            let _ = cg.kill_all();
-            let _ = cg.remove();
-        }
-    }
 }
 
 pub(crate) fn make_private_dir(dir: &Path) -> Result<(), String> {

@@ -20,6 +20,7 @@ use moat_policy::{Policy, Tier};
 use serde_json::{json, Value};
 
 use crate::agent_client::AgentClient;
+use crate::launcher::Launcher;
 use crate::lifecycle::Engine;
 
 /// The most ready sandboxes one tier's pool may keep.
@@ -91,12 +92,17 @@ impl Pools {
     /// A ready sandbox for a create with `policy`, when its tier has a pool, the create is
     /// `eligible` (it binds nothing to the sandbox alone), the policy is the pool's and one
     /// is ready and alive; counts the hit or the miss.
-    pub fn take(&self, policy: &Policy, eligible: bool) -> Option<Ready> {
+    pub fn take(
+        &self,
+        launcher: &Arc<dyn Launcher>,
+        policy: &Policy,
+        eligible: bool,
+    ) -> Option<Ready> {
         let pool = self.tiers.iter().find(|t| t.tier == policy.tier)?;
         let mut got = None;
         if eligible && *policy == pool.profile {
             while let Some(r) = pool.ready.lock().ok().and_then(|mut q| q.pop_front()) {
-                if moat_backend::alive_spawned(&crate::lifecycle::spawned_of(&r.runtime)) {
+                if launcher.alive(&r.runtime) {
                     got = Some(r);
                     break;
                 }
@@ -105,7 +111,8 @@ impl Pools {
                     pool.tier.as_str()
                 );
                 // Off the create's path (a gvisor sandbox's removal may start runsc).
-                std::thread::spawn(move || discard(&r.dir, &r.runtime));
+                let l = launcher.clone();
+                std::thread::spawn(move || discard(&*l, &r.dir, &r.runtime));
             }
             pool.wake.notify_one();
         }
@@ -120,8 +127,8 @@ impl Pools {
 }
 
 /// Kills a ready sandbox and removes its directory (blocking).
-pub(crate) fn discard(dir: &Path, rt: &RuntimeInfo) {
-    crate::lifecycle::kill_runtime(rt);
+pub(crate) fn discard(launcher: &dyn Launcher, dir: &Path, rt: &RuntimeInfo) {
+    launcher.destroy(rt);
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -141,7 +148,7 @@ pub fn sweep_leftovers(app: &Engine) -> usize {
             .ok()
             .and_then(|b| serde_json::from_slice::<RuntimeInfo>(&b).ok());
         if let Some(rt) = rt {
-            crate::lifecycle::kill_runtime(&rt);
+            app.launcher.destroy(&rt);
             n += 1;
         }
         let _ = std::fs::remove_dir_all(&dir);
@@ -172,8 +179,11 @@ async fn fill(app: Arc<Engine>, i: usize) {
                 Ok(r) => {
                     failures = 0;
                     if pools.stopping.load(Ordering::Relaxed) {
-                        let _ =
-                            tokio::task::spawn_blocking(move || discard(&r.dir, &r.runtime)).await;
+                        let _ = {
+                            let l = app.launcher.clone();
+                            tokio::task::spawn_blocking(move || discard(&*l, &r.dir, &r.runtime))
+                                .await
+                        };
                         return;
                     }
                     if let Ok(mut q) = pool.ready.lock() {
@@ -215,7 +225,7 @@ async fn start_one(app: &Arc<Engine>, pool: &TierPool) -> Result<Ready, String> 
         let policy_json = pool.profile_json.clone();
         tokio::task::spawn_blocking(move || -> Result<_, String> {
             crate::lifecycle::make_private_dir(&dir)?;
-            app.spawners.spawn(&policy_json, &socket, None)
+            app.launcher.spawn(&policy_json, &socket, None)
         })
         .await
         .map_err(|e| format!("spawn task: {e}"))?
@@ -227,7 +237,7 @@ async fn start_one(app: &Arc<Engine>, pool: &TierPool) -> Result<Ready, String> 
             return Err(e);
         }
     };
-    let runtime = crate::lifecycle::runtime_of(&spawned, &socket);
+    let runtime = spawned.runtime.clone();
     let saved = serde_json::to_vec(&runtime)
         .map_err(|e| e.to_string())
         .and_then(|b| {
@@ -248,7 +258,8 @@ async fn start_one(app: &Arc<Engine>, pool: &TierPool) -> Result<Ready, String> 
             agent,
         }),
         Err(e) => {
-            let _ = tokio::task::spawn_blocking(move || discard(&dir, &runtime)).await;
+            let l = app.launcher.clone();
+            let _ = tokio::task::spawn_blocking(move || discard(&*l, &dir, &runtime)).await;
             Err(e)
         }
     }
@@ -271,9 +282,10 @@ pub async fn stop(app: &Arc<Engine>, fillers: Vec<tokio::task::JoinHandle<()>>) 
         }
     }
     if !ready.is_empty() {
+        let launcher = app.launcher.clone();
         let _ = tokio::task::spawn_blocking(move || {
             for r in ready {
-                discard(&r.dir, &r.runtime);
+                discard(&*launcher, &r.dir, &r.runtime);
             }
         })
         .await;
