@@ -415,6 +415,7 @@ impl Cgroup {
             .map(|(_, d)| d.as_path())
     }
 
+    /// Writes the limits into a cgroup [`Cgroup::create`] has just made.
     fn apply(&self, l: Limits) -> Result<(), CgroupError> {
         let period: u64 = 100_000;
         let quota = ((l.cpus * period as f64) as u64).max(1000);
@@ -432,7 +433,10 @@ impl Cgroup {
                     write(&d.join("pids.max"), &l.pids.to_string())?;
                 }
                 if let Some(d) = self.dir(Controller::Cpu) {
-                    write(&d.join("cpu.cfs_period_us"), &period.to_string())?;
+                    // Only the quota: a cgroup made just now has the default period,
+                    // 100000 µs (the kernel's init_cfs_bandwidth), and each write of either
+                    // file walks every CPU cgroup on the host (tg_set_cfs_bandwidth), which
+                    // costs more the more sandboxes there are.
                     write(&d.join("cpu.cfs_quota_us"), &quota.to_string())?;
                 }
             }
@@ -449,6 +453,7 @@ impl Cgroup {
                     write(&d.join("pids.max"), &l.pids.to_string())?;
                 }
                 if let Some(d) = self.dir(Controller::Cpu) {
+                    // Quota and period in one write: one walk of the CPU cgroups.
                     write(&d.join("cpu.max"), &format!("{quota} {period}"))?;
                 }
             }
@@ -910,25 +915,119 @@ fn enable_v2_controllers(dir: &Path, names: &[&str]) -> Result<(), CgroupError> 
     write(&sc, &want.join(" "))
 }
 
-/// Removes empty sandbox cgroups left by a moat that was killed before it could clean up.
-/// `is_stale(name)` decides from the directory name whether its owner is gone.
-pub fn sweep_stale(host: &Host, is_stale: impl Fn(&str) -> bool) {
-    let mut seen: Vec<&Path> = Vec::new();
-    for (_, parent) in host.parents.iter().chain(&host.extra) {
-        if seen.contains(&parent.as_path()) {
-            continue;
+/// How many directories one [`StaleSweep::step`] looks at, at most.
+pub const SWEEP_BUDGET: usize = 32;
+
+/// Removes empty sandbox cgroups left by a moat that was killed before it could clean up, a
+/// few at a time, so that what a sandbox's start pays for it does not grow with the number
+/// of sandboxes: each [`StaleSweep::step`] looks at no more than a budget of directories and
+/// the next one resumes where it stopped. A pass goes through every hierarchy's parent
+/// directory once; the next pass starts no sooner than `every` after the last one began.
+///
+/// A directory is looked at by its name alone: a `moat-*` one whose owner is gone
+/// (`is_stale(name)`, e.g. its uid slot's lock is free) is removed, which the kernel refuses
+/// (`EBUSY`) for a cgroup that still holds a task or a child, so nothing in use is lost and no
+/// `cgroup.procs` is read.
+#[derive(Debug, Default)]
+pub struct StaleSweep {
+    /// Every parent directory of this pass, each once.
+    parents: Vec<PathBuf>,
+    /// The parent directories this pass has still to go through, the current one first.
+    todo: Vec<PathBuf>,
+    /// The open listing of `todo[0]`, once started.
+    listing: Option<fs::ReadDir>,
+    /// When the last pass began (`None`: none has yet).
+    began: Option<Instant>,
+}
+
+impl StaleSweep {
+    /// No pass begun yet: the first [`StaleSweep::step`] begins one.
+    pub const fn new() -> StaleSweep {
+        StaleSweep {
+            parents: Vec::new(),
+            todo: Vec::new(),
+            listing: None,
+            began: None,
         }
-        seen.push(parent);
-        let Ok(entries) = fs::read_dir(parent) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let procs = fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
-            if name.starts_with("moat-") && procs.trim().is_empty() && is_stale(&name) {
-                let _ = fs::remove_dir(e.path());
+    }
+
+    /// Goes on with the pass (beginning one over `host`'s parent directories when none is
+    /// under way and `every` has passed since the last began), looking at no more than
+    /// `budget` directories (opening a parent's listing counts as one). Returns how many
+    /// stale cgroups it removed.
+    pub fn step(
+        &mut self,
+        host: &Host,
+        every: Duration,
+        budget: usize,
+        is_stale: impl Fn(&str) -> bool,
+    ) -> usize {
+        if self.todo.is_empty() {
+            if self.began.is_some_and(|t| t.elapsed() < every) {
+                return 0;
+            }
+            self.began = Some(Instant::now());
+            self.parents.clear();
+            for (_, parent) in host.parents.iter().chain(&host.extra) {
+                if !self.parents.contains(parent) {
+                    self.parents.push(parent.clone());
+                }
+            }
+            self.todo = self.parents.clone();
+            self.listing = None;
+        }
+        let mut left = budget;
+        let mut removed = 0;
+        while left > 0 {
+            let Some(parent) = self.todo.first() else {
+                break;
+            };
+            let listing = match &mut self.listing {
+                Some(l) => l,
+                None => {
+                    left -= 1;
+                    match fs::read_dir(parent) {
+                        Ok(l) => self.listing.insert(l),
+                        Err(_) => {
+                            self.todo.remove(0);
+                            continue;
+                        }
+                    }
+                }
+            };
+            let Some(Ok(e)) = listing.next() else {
+                // The end of this parent's listing (or a broken one): on to the next parent.
+                self.listing = None;
+                self.todo.remove(0);
+                continue;
+            };
+            // The type comes with the listing (no stat); a cgroup's control files are not
+            // counted: a directory has a bounded number of them.
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            left -= 1;
+            let name = e.file_name();
+            let Some(name) = name.to_str() else {
+                continue;
+            };
+            if name.starts_with("moat-") && is_stale(name) && fs::remove_dir(e.path()).is_ok() {
+                removed += 1;
+                // v1: the sandbox has a directory of the same name in the other hierarchies
+                // (the ones still to list, and those listed before it was left behind).
+                for other in &self.parents {
+                    if other != parent && fs::remove_dir(other.join(name)).is_ok() {
+                        removed += 1;
+                    }
+                }
             }
         }
+        removed
+    }
+
+    /// Whether a pass is under way (begun and not yet through every parent).
+    pub fn in_pass(&self) -> bool {
+        !self.todo.is_empty()
     }
 }
 
@@ -1299,9 +1398,304 @@ mod tests {
         assert!(again.paths().is_empty());
     }
 
+    /// The sweep on plain directories standing in for two v1 hierarchies' parents (an empty
+    /// directory is removed; one with something in it is refused, as the kernel refuses a
+    /// cgroup with a task or a child).
+    #[test]
+    fn stale_sweep_is_bounded_resumes_and_spares_the_live() {
+        let root = std::env::temp_dir().join(format!("moat-cgsweep-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let (p1, p2) = (root.join("memory"), root.join("pids"));
+        for p in [&p1, &p2] {
+            fs::create_dir_all(p.join("moat-s1-gone")).unwrap();
+            fs::create_dir_all(p.join("moat-s2-live")).unwrap();
+            fs::create_dir_all(p.join("other-s1")).unwrap();
+            fs::write(p.join("cgroup.procs"), "").unwrap();
+        }
+        // Stale by its name but still in use: the removal is refused and it stays.
+        fs::create_dir_all(p1.join("moat-s3-busy/child")).unwrap();
+        let host = Host {
+            version: Version::V1,
+            parents: vec![
+                (Controller::Memory, p1.clone()),
+                (Controller::Pids, p2.clone()),
+            ],
+            missing: Vec::new(),
+            v2_root: None,
+            extra: vec![(Controller::Cpuacct, p1.clone())],
+        };
+        let asked = std::cell::RefCell::new(Vec::<String>::new());
+        let is_stale = |n: &str| {
+            asked.borrow_mut().push(n.to_string());
+            !n.starts_with("moat-s2-")
+        };
+        let mut sw = StaleSweep::new();
+        let every = Duration::from_secs(3600);
+        assert_eq!(sw.step(&host, every, 100, is_stale), 2);
+        assert!(!sw.in_pass());
+        let mut names = |p: &Path| {
+            let mut v: Vec<String> = fs::read_dir(p)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(&p1), ["moat-s2-live", "moat-s3-busy", "other-s1"]);
+        assert_eq!(names(&p2), ["moat-s2-live", "other-s1"]);
+        // Only `moat-*` names are asked about, and `moat-s1-gone` once: its second parent's
+        // copy went with the first.
+        let mut a = asked.borrow().clone();
+        a.sort();
+        assert_eq!(
+            a,
+            [
+                "moat-s1-gone",
+                "moat-s2-live",
+                "moat-s2-live",
+                "moat-s3-busy"
+            ]
+        );
+        // Within `every` of the last pass's beginning, nothing is looked at.
+        asked.borrow_mut().clear();
+        fs::create_dir(p1.join("moat-s4-gone")).unwrap();
+        assert_eq!(sw.step(&host, every, 100, is_stale), 0);
+        assert!(asked.borrow().is_empty());
+
+        // A budget of 3 looks at no more than 3 directories a step (opening a listing counts
+        // as one), and the next step resumes: 20 stale ones go in a few steps.
+        for i in 0..20 {
+            fs::create_dir(p1.join(format!("moat-s9-{i}"))).unwrap();
+        }
+        let mut sw = StaleSweep::new();
+        let mut steps = 0;
+        let mut removed = 0;
+        loop {
+            asked.borrow_mut().clear();
+            removed += sw.step(&host, every, 3, is_stale);
+            assert!(asked.borrow().len() <= 3, "{:?}", asked.borrow());
+            steps += 1;
+            if !sw.in_pass() {
+                break;
+            }
+            assert!(steps < 100, "the pass never ended");
+        }
+        assert_eq!(removed, 21);
+        assert!(steps >= 9, "{steps} steps");
+        assert_eq!(names(&p1), ["moat-s2-live", "moat-s3-busy", "other-s1"]);
+        // With `every` passed, the next step begins a new pass.
+        fs::create_dir(p2.join("moat-s5-gone")).unwrap();
+        assert_eq!(sw.step(&host, Duration::ZERO, 100, is_stale), 1);
+        assert_eq!(names(&p2), ["moat-s2-live", "other-s1"]);
+        let _ = fs::remove_dir_all(&root);
+    }
+
     #[test]
     fn detect_finds_something_on_linux() {
         let h = Host::detect();
         assert_eq!(h.parents.len() + h.missing.len(), Controller::ALL.len());
+    }
+}
+
+#[cfg(test)]
+mod bench_tmp {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn slot_free(name: &str) -> bool {
+        let tag = name
+            .strip_prefix("moat-")
+            .and_then(|r| r.split('-').next())
+            .unwrap_or("");
+        tag.strip_prefix('s')
+            .and_then(|s| s.parse::<u32>().ok())
+            .is_some_and(crate::idmap::IdMap::slot_is_free)
+    }
+
+    #[test]
+    #[ignore]
+    fn bench_sweep() {
+        let n: u32 = 2000;
+        let base = PathBuf::from(format!(
+            "/sys/fs/cgroup/pids/moatbench-{}",
+            std::process::id()
+        ));
+        fs::create_dir(&base).unwrap();
+        let host = Host {
+            version: Version::V1,
+            parents: vec![(Controller::Pids, base.clone())],
+            missing: Vec::new(),
+            v2_root: None,
+            extra: Vec::new(),
+        };
+        let dir = crate::idmap::slot_dir();
+        fs::create_dir_all(&dir).unwrap();
+        let mut locks = Vec::new();
+        for i in 0..n {
+            let slot = 14000 + i;
+            let f = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(format!("{slot}.lock")))
+                .unwrap();
+            assert!(
+                moat_sys::process::try_lock(f.as_raw_fd()).unwrap(),
+                "slot {slot} taken"
+            );
+            locks.push(f);
+            fs::create_dir(base.join(format!("moat-s{slot}-1-{i:x}"))).unwrap();
+        }
+        // Live: every slot held.
+        let t = Instant::now();
+        run_sweep(&host, &slot_free);
+        let live = t.elapsed();
+        assert_eq!(
+            fs::read_dir(&base)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .count(),
+            n as usize
+        );
+        drop(locks);
+        // Stale: every slot free.
+        let t = Instant::now();
+        run_sweep(&host, &slot_free);
+        let stale = t.elapsed();
+        let left = fs::read_dir(&base)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .count();
+        for e in fs::read_dir(&base).unwrap().flatten() {
+            if e.path().is_dir() {
+                let _ = fs::remove_dir(e.path());
+            }
+        }
+        fs::remove_dir(&base).unwrap();
+        eprintln!("BENCH n={n} live: {live:?} ({:.1} us/entry); stale: {stale:?} ({:.1} us/entry), left {left}",
+            live.as_secs_f64() * 1e6 / n as f64, stale.as_secs_f64() * 1e6 / n as f64);
+    }
+
+    fn run_sweep(host: &Host, f: &dyn Fn(&str) -> bool) {
+        let mut sw = StaleSweep::new();
+        let mut steps = 0;
+        let mut worst = Duration::ZERO;
+        let mut all = Vec::new();
+        loop {
+            let t = Instant::now();
+            sw.step(host, Duration::from_secs(10), SWEEP_BUDGET, f);
+            worst = worst.max(t.elapsed());
+            all.push(t.elapsed());
+            steps += 1;
+            if !sw.in_pass() {
+                break;
+            }
+        }
+        let first = all[0];
+        all.sort();
+        eprintln!("BENCH   {steps} steps, first {first:?}, median {:?}, worst step {worst:?}", all[all.len() / 2]);
+    }
+}
+
+#[cfg(test)]
+mod bench_tmp2 {
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn bench_alloc() {
+        let mut held = Vec::new();
+        let t = Instant::now();
+        let mut marks = Vec::new();
+        for i in 0..14000u32 {
+            held.push(crate::idmap::IdMap::allocate(false).unwrap());
+            if (i + 1) % 1000 == 0 {
+                marks.push((i + 1, t.elapsed()));
+            }
+        }
+        let mut prev = Duration::ZERO;
+        for (n, d) in marks {
+            eprintln!(
+                "BENCH alloc up to {n}: {:.1} us/alloc",
+                (d - prev).as_secs_f64() * 1e6 / 1000.0
+            );
+            prev = d;
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn bench_quota() {
+        let host = Host::detect();
+        let mut tot = Duration::ZERO;
+        for i in 0..200 {
+            let name = format!("moatbenchq-{}-{i}", std::process::id());
+            let t = Instant::now();
+            let cg = Cgroup::create(
+                &host,
+                &name,
+                Limits {
+                    memory: 64 << 20,
+                    pids: 16,
+                    cpus: 0.5,
+                },
+            )
+            .unwrap();
+            tot += t.elapsed();
+            drop(cg);
+        }
+        eprintln!(
+            "BENCH create (v1, 5 hierarchies): {:.1} us/create",
+            tot.as_secs_f64() * 1e6 / 200.0
+        );
+    }
+}
+
+#[cfg(test)]
+mod bench_tmp3 {
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn bench_cpu_writes() {
+        let base = PathBuf::from(format!(
+            "/sys/fs/cgroup/cpu/moatbenchc-{}",
+            std::process::id()
+        ));
+        fs::create_dir(&base).unwrap();
+        let mut made = Vec::new();
+        for siblings in [0usize, 5000] {
+            while made.len() < siblings {
+                let d = base.join(format!("d{}", made.len()));
+                fs::create_dir(&d).unwrap();
+                made.push(d);
+            }
+            let (mut tp, mut tq, mut tr) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+            let n = 200;
+            for i in 0..n {
+                let d = base.join(format!("x{i}"));
+                fs::create_dir(&d).unwrap();
+                let t = Instant::now();
+                let _ = fs::read_to_string(d.join("cpu.cfs_period_us")).unwrap();
+                tr += t.elapsed();
+                let t = Instant::now();
+                fs::write(d.join("cpu.cfs_period_us"), "100000").unwrap();
+                tp += t.elapsed();
+                let t = Instant::now();
+                fs::write(d.join("cpu.cfs_quota_us"), "50000").unwrap();
+                tq += t.elapsed();
+                fs::remove_dir(&d).unwrap();
+            }
+            let us = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+            eprintln!("BENCH cpu writes, {siblings} siblings: read period {:.1} us, write period {:.1} us, write quota {:.1} us", us(tr), us(tp), us(tq));
+        }
+        for d in made {
+            fs::remove_dir(d).unwrap();
+        }
+        fs::remove_dir(&base).unwrap();
     }
 }

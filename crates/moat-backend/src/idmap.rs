@@ -10,6 +10,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// First host id of the first range.
 pub const BASE: u32 = 0x4000_0000;
@@ -17,6 +18,9 @@ pub const BASE: u32 = 0x4000_0000;
 pub const RANGE: u32 = 65536;
 /// Number of ranges.
 pub const SLOTS: u32 = 16384;
+
+/// Where this process's next search for a free slot starts ([`SLOTS`] or more: nowhere yet).
+static NEXT_SLOT: AtomicU32 = AtomicU32::new(u32::MAX);
 
 /// Directory of the slot lock files.
 pub fn slot_dir() -> PathBuf {
@@ -46,17 +50,37 @@ impl IdMap {
         let dir = slot_dir();
         fs::create_dir_all(&dir)
             .map_err(|e| io::Error::new(e.kind(), format!("create {}: {e}", dir.display())))?;
-        let start = seed() % SLOTS;
+        // Next fit: probe from just after this process's last slot (a random one at first,
+        // so that processes start apart), so that a long-lived spawner finds a free slot at
+        // the first probe while there are free slots ahead, however many it holds. Another
+        // process may take any slot meanwhile: the lock decides.
+        let start = match NEXT_SLOT.load(Ordering::Relaxed) {
+            n if n < SLOTS => n,
+            _ => seed() % SLOTS,
+        };
         for i in 0..SLOTS {
             let slot = (start + i) % SLOTS;
+            let path = dir.join(format!("{slot}.lock"));
             let f = OpenOptions::new()
                 .create(true)
                 .truncate(false)
                 .write(true)
                 .mode(0o600)
                 .custom_flags(libc::O_CLOEXEC)
-                .open(dir.join(format!("{slot}.lock")))?;
+                .open(&path)
+                .map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!(
+                            "open {}: {e}: moat keeps its uid slot locks in {}, which must be \
+                             writable by root",
+                            path.display(),
+                            dir.display()
+                        ),
+                    )
+                })?;
             if moat_sys::process::try_lock(f.as_raw_fd())? {
+                NEXT_SLOT.store((slot + 1) % SLOTS, Ordering::Relaxed);
                 return Ok(IdMap::Range {
                     slot,
                     host_base: BASE + slot * RANGE,

@@ -224,9 +224,7 @@ fn make_cgroup(
     let Some(mut host) = cgroup_host(policy, missing, fix)? else {
         return Ok(None);
     };
-    if sweep_due() {
-        cgroup::sweep_stale(&host, stale_cgroup);
-    }
+    sweep_step(&host);
     if !persistent {
         // The v1 freezer and cpuacct hierarchies serve a persistent sandbox's pause and
         // metrics; a one-shot run needs neither (its CPU time comes from wait4), and each
@@ -245,26 +243,22 @@ fn make_cgroup(
     )
 }
 
-/// How often a long-lived starter (the daemon's spawner) sweeps stale sandbox cgroups.
+/// How often a long-lived starter (the daemon's spawner) begins a sweep of stale sandbox
+/// cgroups.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Whether to sweep stale cgroups now: at a process's first sandbox (so every `moat run`
-/// sweeps, as before), then at most every [`SWEEP_EVERY`]. A sweep reads `cgroup.procs` of
-/// every sandbox cgroup in every hierarchy, so a spawner holding N sandboxes would pay 5N
-/// file reads per start; a stale cgroup is empty and only waits to be removed, so removing
-/// it a few seconds later changes nothing.
-fn sweep_due() -> bool {
+/// A bounded step of this process's sweep of stale sandbox cgroups ([`cgroup::StaleSweep`]):
+/// a process's first sandbox begins a pass (so every `moat run` sweeps, as before), a pass
+/// begins at most every [`SWEEP_EVERY`], and each start goes through no more than
+/// [`cgroup::SWEEP_BUDGET`] directories of it, so a spawner holding N sandboxes pays the same
+/// per start whatever N is. A stale cgroup is empty and only waits to be removed, so removing
+/// it a few starts later changes nothing. No thread: a spawner forks sandboxes.
+fn sweep_step(host: &cgroup::Host) {
     use std::sync::Mutex;
-    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
-    let Ok(mut last) = LAST.lock() else {
-        return true;
-    };
-    let now = Instant::now();
-    if last.is_some_and(|t| now.duration_since(t) < SWEEP_EVERY) {
-        return false;
+    static SWEEP: Mutex<cgroup::StaleSweep> = Mutex::new(cgroup::StaleSweep::new());
+    if let Ok(mut sweep) = SWEEP.lock() {
+        sweep.step(host, SWEEP_EVERY, cgroup::SWEEP_BUDGET, stale_cgroup);
     }
-    *last = Some(now);
-    true
 }
 
 /// What init does once the sandbox's root is built and entered.

@@ -57,6 +57,7 @@ pub mod error;
 pub mod events;
 pub mod launcher;
 pub mod lifecycle;
+pub mod oneshot;
 pub mod pool;
 pub mod store;
 

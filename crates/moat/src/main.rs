@@ -5,14 +5,13 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use moat_api::{ExecResult, Layers, Status, Truncated};
-use moat_backend::{probe, RunError, RunRequest};
+use moat_backend::probe;
 use moat_policy::{parse_bytes, parse_duration, Layer, Mount, Policy};
 use std::io::Write;
 
 mod client;
 mod egress_args;
 mod mcp;
-mod run_agent;
 
 #[derive(Parser)]
 #[command(
@@ -244,30 +243,21 @@ fn cmd_run(a: RunArgs) -> i32 {
         Ok(p) => p,
         Err(e) => return fail(format!("{e:#}")),
     };
-    if policy.network.mode == moat_policy::NetworkMode::Allowlist
+    // The operator's egress settings are read where a sandbox runs through its agent.
+    let operator = if policy.network.mode == moat_policy::NetworkMode::Allowlist
         || policy.tier != moat_policy::Tier::Native
     {
-        let operator = match a.egress.operator() {
+        match a.egress.operator() {
             Ok(op) => op,
             Err(e) => return fail(format!("{e:#}")),
-        };
-        return match run_agent::run(policy, a.cmd, json, operator) {
-            Ok((result, events)) => report(json, &result, events.as_deref()),
-            Err(e) => fail(e),
-        };
+        }
+    } else {
+        moat_egress::Operator::default()
+    };
+    match moat_engine::oneshot::run(policy, a.cmd, json, operator) {
+        Ok((result, events)) => report(json, &result, events.as_deref()),
+        Err(e) => fail(e),
     }
-    let req = RunRequest {
-        policy,
-        argv: a.cmd,
-        stream: !json,
-        stdin: true,
-    };
-    let result = match moat_backend::run(&req) {
-        Ok(r) => r,
-        Err(e @ RunError::Refused(_)) => return fail(format!("refusing to run: {e}")),
-        Err(e) => return fail(e.to_string()),
-    };
-    report(json, &result, None)
 }
 
 /// Prints a run's result (`--json`: one document, with the egress proxy's connections when
@@ -360,9 +350,9 @@ fn main() {
     }
     if std::env::args_os()
         .nth(1)
-        .is_some_and(|a| a == run_agent::WATCH_ARG)
+        .is_some_and(|a| a == moat_engine::oneshot::WATCH_ARG)
     {
-        std::process::exit(run_agent::watch_main());
+        std::process::exit(moat_engine::oneshot::watch_main());
     }
     let cli = Cli::parse();
     let code = match cli.cmd {

@@ -143,6 +143,23 @@ fn the_server_only_adapts() {
 }
 
 #[test]
+fn the_cli_owns_no_lifecycle() {
+    // `moat run` is the engine's one-shot path, not a pipeline of the CLI's own.
+    let src = root().join("crates/moat/src");
+    assert!(
+        !src.join("run_agent.rs").exists(),
+        "crates/moat/src/run_agent.rs: a one-shot pipeline belongs in moat-engine (oneshot.rs)"
+    );
+    let main = std::fs::read_to_string(src.join("main.rs")).expect("main.rs");
+    for call in ["moat_backend::run(", "spawn_any(", "destroy_spawned("] {
+        assert!(
+            !main.contains(call),
+            "main.rs calls {call}: the CLI starts sandboxes through moat_engine::oneshot"
+        );
+    }
+}
+
+#[test]
 fn unsafe_is_forbidden_outside_moat_sys() {
     let ws: toml::Table = std::fs::read_to_string(root().join("Cargo.toml"))
         .expect("Cargo.toml")

@@ -1,14 +1,16 @@
-//! `moat run` through a sandbox's agent: for sandboxes that need more than a forked
-//! command, i.e. the gvisor tier (runsc runs the agent as the sandbox's PID 1) and network
-//! mode `allowlist` (the agent relays connections to an egress proxy this process runs). The sandbox is started (while this process is still
+//! `moat run`: the engine's one-shot path ([`run`]). A native sandbox without egress runs its
+//! command as init's forked workload (`moat_backend::run`, the fastest start). A sandbox that
+//! needs more runs it through its agent: the gvisor tier (runsc runs the agent as the
+//! sandbox's PID 1) and network mode `allowlist` (the agent relays connections to an egress
+//! proxy this process runs). The sandbox is started (while this process is still
 //! single-threaded), the command runs as the agent's exec with our stdin, stdout and stderr,
 //! and the sandbox is destroyed, whatever happened, before the result is reported.
 
+use crate::agent_client::{AgentClient, ClientError, ExecEvent, ExecSpec};
 use moat_api::{ExecResult, Layers, Status, Truncated};
 use moat_backend::cgroup::Cgroup;
 use moat_backend::{SpawnRequest, Spawned};
 use moat_egress::{ConnEvent, EgressSink};
-use moat_engine::agent_client::{AgentClient, ClientError, ExecEvent, ExecSpec};
 use moat_policy::Policy;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -176,9 +178,36 @@ fn socket_dir(id: &str) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
-/// Runs `argv` in a fresh sandbox through its agent. Must be called while the process is
-/// single-threaded (it forks the sandbox first).
+/// Runs `argv` in a fresh sandbox and tears it down: with `json`, output is collected into
+/// the result, else streamed to this process's stdout and stderr as it comes; stdin is passed
+/// through. Returns the result and, when an egress proxy ran, its connections. Must be called
+/// while the process is single-threaded (it forks the sandbox first).
 pub fn run(
+    policy: Policy,
+    argv: Vec<String>,
+    json: bool,
+    operator: moat_egress::Operator,
+) -> Result<(ExecResult, Option<Vec<ConnEvent>>), String> {
+    if policy.network.mode == moat_policy::NetworkMode::Allowlist
+        || policy.tier != moat_policy::Tier::Native
+    {
+        return run_agent(policy, argv, json, operator);
+    }
+    let req = moat_backend::RunRequest {
+        policy,
+        argv,
+        stream: !json,
+        stdin: true,
+    };
+    match moat_backend::run(&req) {
+        Ok(r) => Ok((r, None)),
+        Err(e @ moat_backend::RunError::Refused(_)) => Err(format!("refusing to run: {e}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Runs `argv` in a fresh sandbox through its agent.
+fn run_agent(
     mut policy: Policy,
     argv: Vec<String>,
     json: bool,
@@ -201,7 +230,7 @@ pub fn run(
             }
         }
     }
-    let prepared = moat_engine::egress::prepare(&format!("run-{id}"), &policy, &values)?;
+    let prepared = crate::egress::prepare(&format!("run-{id}"), &policy, &values)?;
     if let Some(p) = &prepared {
         for (k, v) in &p.env {
             policy.env.insert(k.clone(), v.clone());
@@ -255,7 +284,7 @@ pub fn run(
             Some(p) => {
                 let proxy = moat_egress::Proxy::new(operator)
                     .map_err(|e| format!("cannot start the egress proxy: {e}"))?;
-                Some(moat_engine::egress::start(
+                Some(crate::egress::start(
                     &proxy,
                     socket.clone(),
                     p.cfg,
