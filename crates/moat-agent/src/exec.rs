@@ -57,51 +57,7 @@ impl ExecEnv<'_> {
     /// The base environment of every process: moat's clean defaults, then the policy's
     /// `env`.
     pub fn base_env(&self) -> Vec<(String, String)> {
-        let p = self.policy;
-        let mut env: Vec<(String, String)> = vec![
-            (
-                "PATH".into(),
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-            ),
-            ("HOME".into(), p.fs.workdir.clone()),
-            ("USER".into(), "user".into()),
-            ("LOGNAME".into(), "user".into()),
-            ("HOSTNAME".into(), p.process.hostname.clone()),
-            ("LANG".into(), "C.UTF-8".into()),
-            ("TMPDIR".into(), "/tmp".into()),
-        ];
-        if p.network.mode == moat_policy::NetworkMode::Allowlist {
-            // Every common client finds the proxy: curl, pip, npm, git, requests, urllib,
-            // Node (with a proxy agent), and SOCKS-speaking tools through ALL_PROXY.
-            let http = format!("http://127.0.0.1:{}", boot::EGRESS_PORT);
-            let socks = format!("socks5h://127.0.0.1:{}", boot::EGRESS_PORT);
-            for (k, v) in [
-                ("HTTP_PROXY", &http),
-                ("HTTPS_PROXY", &http),
-                ("ALL_PROXY", &socks),
-            ] {
-                env.push((k.into(), v.clone()));
-                env.push((k.to_ascii_lowercase(), v.clone()));
-            }
-            env.push(("NO_PROXY".into(), "localhost,127.0.0.1".into()));
-            env.push(("no_proxy".into(), "localhost,127.0.0.1".into()));
-            if p.network.ca_pem.is_some() {
-                let bundle = boot::BUNDLE_FILE.to_string();
-                env.push(("SSL_CERT_FILE".into(), bundle.clone()));
-                env.push(("REQUESTS_CA_BUNDLE".into(), bundle.clone()));
-                env.push(("CURL_CA_BUNDLE".into(), bundle.clone()));
-                env.push(("PIP_CERT".into(), bundle.clone()));
-                env.push(("NODE_EXTRA_CA_CERTS".into(), boot::CA_FILE.into()));
-            }
-        }
-        for (k, v) in &p.env {
-            if let Some(slot) = env.iter_mut().find(|(x, _)| x == k) {
-                slot.1 = v.clone();
-            } else {
-                env.push((k.clone(), v.clone()));
-            }
-        }
-        env
+        boot::base_env(self.policy)
     }
 
     /// Enforces the sandbox's Landlock ruleset on this process: the prebuilt one when there

@@ -1,6 +1,9 @@
 //! Wire types shared by every front end of moat (`moat run --json`, the HTTP API, the SDKs).
 //!
-//! Only data lives here: no I/O, no policy logic.
+//! Only data lives here, and the one rule that decides a command's [`Status`]
+//! ([`outcome::classify`]): no I/O, no policy logic.
+
+pub mod outcome;
 
 use serde::{Deserialize, Serialize};
 

@@ -29,6 +29,7 @@ use crate::idmap::IdMap;
 use crate::probe;
 use crate::rootfs;
 use moat_agent::exec::{read_to_end, ExecEnv, Workload};
+use moat_api::outcome::{classify, Ending, Scope as OutcomeScope};
 use moat_api::{ExecResult, Layers, Status, Truncated};
 use moat_policy::{Layer, Policy};
 use moat_proto::boot::{InitReport, InitSync};
@@ -248,11 +249,12 @@ fn make_cgroup(
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A bounded step of this process's sweep of stale sandbox cgroups ([`cgroup::StaleSweep`]):
-/// a process's first sandbox begins a pass (so every `moat run` sweeps, as before), a pass
-/// begins at most every [`SWEEP_EVERY`], and each start goes through no more than
-/// [`cgroup::SWEEP_BUDGET`] directories of it, so a spawner holding N sandboxes pays the same
-/// per start whatever N is. A stale cgroup is empty and only waits to be removed, so removing
-/// it a few starts later changes nothing. No thread: a spawner forks sandboxes.
+/// a process's first sandbox begins a pass, a pass begins at most every [`SWEEP_EVERY`], and
+/// each start goes through no more than [`cgroup::SWEEP_BUDGET`] directories of it, so a
+/// spawner holding N sandboxes pays the same per start whatever N is (a `moat run` sweeps
+/// the first budget's worth: all of a parent with few sandboxes). A stale cgroup is empty and
+/// only waits to be removed, so removing it a few starts later changes nothing. No thread: a
+/// spawner forks sandboxes.
 fn sweep_step(host: &cgroup::Host) {
     use std::sync::Mutex;
     static SWEEP: Mutex<cgroup::StaleSweep> = Mutex::new(cgroup::StaleSweep::new());
@@ -1191,29 +1193,26 @@ impl Outcome {
                 }
             }
         }
-        if self.timed_out {
-            r.status = Status::Timeout;
-            r.message = Some(format!(
-                "the command ran past its {} ms timeout; the sandbox was killed",
-                req.policy.limits.timeout.as_millis()
-            ));
-        } else if self.output_limit {
-            r.status = Status::OutputLimit;
-            r.message = Some(format!(
-                "output went over the {} byte cap; the sandbox was killed",
-                req.policy.limits.output
-            ));
-        } else if oom && (r.signal == Some(libc::SIGKILL) || !exited) {
-            r.status = Status::Oom;
-            r.exit_code = None;
-            r.signal = Some(libc::SIGKILL);
-            r.message = Some(format!(
-                "the sandbox ran out of its {} MiB memory limit and the kernel killed the command",
-                req.policy.limits.memory >> 20
-            ));
-        } else if let Some(sig) = self.killed_by {
-            r.status = Status::Killed;
-            r.message = Some(format!("moat got signal {sig} and stopped the sandbox"));
+        let limits = &req.policy.limits;
+        let o = classify(
+            &Ending {
+                exit_code: r.exit_code,
+                signal: r.signal,
+                timed_out_ms: self.timed_out.then_some(limits.timeout.as_millis() as u64),
+                output_over: self.output_limit.then_some(limits.output),
+                egress_killed: false,
+                oom_with_limit: oom.then_some(limits.memory),
+                runner_lost: !exited,
+                moat_signal: self.killed_by,
+                cancelled: false,
+            },
+            OutcomeScope::Sandbox,
+        );
+        if o.status != Status::Ok {
+            r.status = o.status;
+            r.exit_code = o.exit_code;
+            r.signal = o.signal;
+            r.message = o.message;
         } else if r.status == Status::Ok && !reported {
             r.status = Status::Error;
             r.message = Some(

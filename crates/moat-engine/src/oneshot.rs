@@ -7,6 +7,7 @@
 //! and the sandbox is destroyed, whatever happened, before the result is reported.
 
 use crate::agent_client::{AgentClient, ClientError, ExecEvent, ExecSpec};
+use moat_api::outcome::{classify, Ending, Scope as OutcomeScope};
 use moat_api::{ExecResult, Layers, Status, Truncated};
 use moat_backend::cgroup::Cgroup;
 use moat_backend::{SpawnRequest, Spawned};
@@ -465,35 +466,23 @@ fn run_agent(
         return Err(format!("the sandbox's agent went away: {e}"));
     }
     let killed = sink.killed.load(Ordering::SeqCst);
-    let (exit_code, signal, mut status) = end.unwrap_or((None, Some(9), Status::Killed));
+    let (exit_code, signal, status) = end.unwrap_or((None, Some(9), Status::Killed));
     // The same statuses and words as the native tier's one-shot run.
-    let mut message = None;
-    let (mut exit_code, mut signal) = (exit_code, signal);
-    if status == Status::Timeout {
-        message = Some(format!(
-            "the command ran past its {} ms timeout; the sandbox was killed",
-            timeout.as_millis()
-        ));
-    } else if over {
-        status = Status::OutputLimit;
-        message = Some(format!(
-            "output went over the {output_cap} byte cap; the sandbox was killed"
-        ));
-    } else if killed {
-        status = Status::PolicyDenied;
-        message = Some("the sandbox was killed after too many denied connections".into());
-    } else if oom && (signal == Some(libc::SIGKILL) || lost.is_some()) {
-        status = Status::Oom;
-        exit_code = None;
-        signal = Some(libc::SIGKILL);
-        message = Some(format!(
-            "the sandbox ran out of its {} MiB memory limit and the kernel killed the command",
-            memory >> 20
-        ));
-    } else if let Some(sig) = killed_by {
-        status = Status::Killed;
-        message = Some(format!("moat got signal {sig} and stopped the sandbox"));
-    }
+    let o = classify(
+        &Ending {
+            exit_code,
+            signal,
+            timed_out_ms: (status == Status::Timeout).then_some(timeout.as_millis() as u64),
+            output_over: over.then_some(output_cap),
+            egress_killed: killed,
+            oom_with_limit: oom.then_some(memory),
+            runner_lost: lost.is_some(),
+            moat_signal: killed_by,
+            cancelled: status == Status::Killed,
+        },
+        OutcomeScope::Sandbox,
+    );
+    let (exit_code, signal, status, message) = (o.exit_code, o.signal, o.status, o.message);
     let cap = |v: Vec<u8>| {
         let mut v = v;
         v.truncate(output_cap as usize);

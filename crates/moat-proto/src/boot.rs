@@ -20,6 +20,60 @@ pub const CA_FILE: &str = "/etc/ssl/moat-ca.crt";
 /// The system roots plus the sandbox CA, inside the sandbox.
 pub const BUNDLE_FILE: &str = "/etc/ssl/moat-bundle.crt";
 
+/// The environment every process in a sandbox starts with, whoever starts it (`moat run`'s
+/// workload, an agent exec, a daemon exec): moat's clean defaults, the proxy variables for
+/// network mode `allowlist` (and the CA bundle variables when the sandbox has its own CA),
+/// then the policy's `env`, which wins. Nothing of the host's environment.
+pub fn base_env(p: &moat_policy::Policy) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![
+        (
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ),
+        ("HOME".into(), p.fs.workdir.clone()),
+        ("USER".into(), "user".into()),
+        ("LOGNAME".into(), "user".into()),
+        ("HOSTNAME".into(), p.process.hostname.clone()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("TMPDIR".into(), "/tmp".into()),
+    ];
+    if p.network.mode == moat_policy::NetworkMode::Allowlist {
+        // Every common client finds the proxy: curl, pip, npm, git, requests, urllib,
+        // Node (with a proxy agent), and SOCKS-speaking tools through ALL_PROXY.
+        let http = format!("http://127.0.0.1:{EGRESS_PORT}");
+        let socks = format!("socks5h://127.0.0.1:{EGRESS_PORT}");
+        for (k, v) in [
+            ("HTTP_PROXY", &http),
+            ("HTTPS_PROXY", &http),
+            ("ALL_PROXY", &socks),
+        ] {
+            env.push((k.into(), v.clone()));
+            env.push((k.to_ascii_lowercase(), v.clone()));
+        }
+        env.push(("NO_PROXY".into(), "localhost,127.0.0.1".into()));
+        env.push(("no_proxy".into(), "localhost,127.0.0.1".into()));
+        if p.network.ca_pem.is_some() {
+            for k in [
+                "SSL_CERT_FILE",
+                "REQUESTS_CA_BUNDLE",
+                "CURL_CA_BUNDLE",
+                "PIP_CERT",
+            ] {
+                env.push((k.into(), BUNDLE_FILE.into()));
+            }
+            env.push(("NODE_EXTRA_CA_CERTS".into(), CA_FILE.into()));
+        }
+    }
+    for (k, v) in &p.env {
+        if let Some(slot) = env.iter_mut().find(|(x, _)| x == k) {
+            slot.1 = v.clone();
+        } else {
+            env.push((k.clone(), v.clone()));
+        }
+    }
+    env
+}
+
 /// The hidden first argument that makes the moat binary the gvisor tier's agent.
 pub const GVISOR_AGENT_ARG: &str = "__moat-gvisor-agent";
 /// Where the agent binary is bound (read-only) inside a gvisor sandbox.

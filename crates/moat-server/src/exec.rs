@@ -13,6 +13,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use moat_api::outcome::{classify, Ending, Scope as OutcomeScope};
 use moat_api::{ExecResult, Status, Truncated};
 use moat_engine::store::{EventKind, Scope};
 use moat_policy::Policy;
@@ -135,24 +136,7 @@ impl CommandBody {
 
 /// The environment every command starts with: the same as `moat run`'s, then the policy's.
 pub fn base_env(policy: &Policy) -> BTreeMap<String, String> {
-    let mut env = BTreeMap::new();
-    let mut set = |k: &str, v: &str| {
-        env.insert(k.to_owned(), v.to_owned());
-    };
-    set(
-        "PATH",
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    );
-    set("HOME", &policy.fs.workdir);
-    set("USER", "user");
-    set("LOGNAME", "user");
-    set("HOSTNAME", &policy.process.hostname);
-    set("LANG", "C.UTF-8");
-    set("TMPDIR", "/tmp");
-    for (k, v) in &policy.env {
-        env.insert(k.clone(), v.clone());
-    }
-    env
+    moat_proto::boot::base_env(policy).into_iter().collect()
 }
 
 fn wants_ndjson(headers: &HeaderMap) -> bool {
@@ -170,6 +154,50 @@ struct Finished {
     message: Option<String>,
     truncated: Truncated,
     wall_ms: u64,
+    /// What was seen of the command's end, for the one classifier.
+    ending: Ending,
+}
+
+impl Finished {
+    fn new(message: Option<String>) -> Finished {
+        Finished {
+            exit_code: None,
+            signal: None,
+            status: Status::Error,
+            message,
+            truncated: Truncated::default(),
+            wall_ms: 0,
+            ending: Ending::default(),
+        }
+    }
+
+    /// The agent's `Exit`: status, exit code, signal and message from the one classifier.
+    fn exited(
+        &mut self,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        status: Status,
+        ending: Ending,
+    ) {
+        self.ending = Ending {
+            exit_code,
+            signal,
+            cancelled: status == Status::Killed,
+            ..ending
+        };
+        if status == Status::Timeout && self.ending.timed_out_ms.is_none() {
+            self.ending.timed_out_ms = Some(0);
+        }
+        self.settle();
+    }
+
+    fn settle(&mut self) {
+        let o = classify(&self.ending, OutcomeScope::Command);
+        self.exit_code = o.exit_code;
+        self.signal = o.signal;
+        self.status = o.status;
+        self.message = o.message;
+    }
 }
 
 /// Drives one exec to its end: feeds stdin, collects or forwards output under the policy's
@@ -178,6 +206,7 @@ async fn drive(
     mut exec: moat_engine::agent_client::Exec,
     stdin: Option<Vec<u8>>,
     cap: u64,
+    timeout_ms: Option<u64>,
     started: Instant,
     mut sink: impl FnMut(Sink<'_>) -> bool,
 ) -> Finished {
@@ -195,14 +224,7 @@ async fn drive(
     let mut truncated = Truncated::default();
     let mut over = false;
     let mut gone = false;
-    let mut fin = Finished {
-        exit_code: None,
-        signal: None,
-        status: Status::Error,
-        message: Some("the sandbox's agent closed the stream".into()),
-        truncated,
-        wall_ms: 0,
-    };
+    let mut fin = Finished::new(Some("the sandbox's agent closed the stream".into()));
     while let Some(ev) = exec.next().await {
         let is_stderr = matches!(ev, ExecEvent::Stderr(_));
         match ev {
@@ -239,21 +261,17 @@ async fn drive(
                 signal,
                 status,
             } => {
-                fin.exit_code = exit_code;
-                fin.signal = signal;
-                fin.status = if over { Status::OutputLimit } else { status };
-                fin.message = match fin.status {
-                    Status::Ok => None,
-                    Status::Timeout => {
-                        Some("the command ran past its timeout and was killed".into())
-                    }
-                    Status::OutputLimit => Some(format!(
-                        "output went over the cap of {cap} bytes per stream; the command was killed"
-                    )),
-                    Status::Killed => Some("the command was killed".into()),
-                    Status::Oom => Some("the sandbox ran out of memory".into()),
-                    _ => None,
-                };
+                let timed_out_ms = (status == Status::Timeout).then(|| timeout_ms.unwrap_or(0));
+                fin.exited(
+                    exit_code,
+                    signal,
+                    status,
+                    Ending {
+                        timed_out_ms,
+                        output_over: over.then_some(cap),
+                        ..Ending::default()
+                    },
+                );
                 break;
             }
             ExecEvent::Failed(e) => {
@@ -273,15 +291,18 @@ async fn drive(
 /// A command killed by SIGKILL, or whose agent went away (the gvisor tier: the host's OOM
 /// killer takes the sentry), while the sandbox's OOM count rose, ran out of memory.
 fn settle_oom(sbx: &Sandbox, oom_before: u64, fin: &mut Finished) {
-    let killed = fin.signal == Some(libc::SIGKILL) || fin.status == Status::Error;
-    if killed && fin.status != Status::Timeout && sbx.oom_kills() > oom_before {
-        fin.status = Status::Oom;
-        fin.exit_code = None;
-        fin.signal = Some(libc::SIGKILL);
-        fin.message = Some(format!(
-            "the sandbox ran out of memory (limit {} bytes): the command was killed",
-            sbx.policy.limits.memory
-        ));
+    if fin.status == Status::Timeout || sbx.oom_kills() <= oom_before {
+        return;
+    }
+    let mut ending = Ending {
+        oom_with_limit: Some(sbx.policy.limits.memory),
+        runner_lost: fin.status == Status::Error,
+        ..fin.ending.clone()
+    };
+    if classify(&ending, OutcomeScope::Command).status == Status::Oom {
+        ending.timed_out_ms = None;
+        fin.ending = ending;
+        fin.settle();
     }
 }
 
@@ -375,7 +396,7 @@ pub async fn exec(
     let key = caller.key_id().clone();
     tokio::spawn(async move {
         let _keep: AgentClient = agent;
-        let mut fin = drive_streamed(exec, stdin, cap, started, &tx).await;
+        let mut fin = drive_streamed(exec, stdin, cap, spec.timeout_ms, started, &tx).await;
         settle_oom(&sbx, oom_before, &mut fin);
         let audit = app
             .audit(
@@ -422,7 +443,7 @@ pub async fn run_to_end(
     let exec = sbx.agent.exec(spec.clone()).await?;
     let mut out = Vec::new();
     let mut err = Vec::new();
-    let mut fin = drive(exec, stdin, cap, started, |s| {
+    let mut fin = drive(exec, stdin, cap, spec.timeout_ms, started, |s| {
         match s {
             Sink::Stdout(b) => out.extend_from_slice(b),
             Sink::Stderr(b) => err.extend_from_slice(b),
@@ -447,6 +468,7 @@ async fn drive_streamed(
     exec: moat_engine::agent_client::Exec,
     stdin: Option<Vec<u8>>,
     cap: u64,
+    timeout_ms: Option<u64>,
     started: Instant,
     tx: &tokio::sync::mpsc::Sender<Result<Bytes, Infallible>>,
 ) -> Finished {
@@ -462,7 +484,7 @@ async fn drive_streamed(
         }
         true
     });
-    let fin = drive(exec, stdin, cap, started, |s| {
+    let fin = drive(exec, stdin, cap, timeout_ms, started, |s| {
         let line = match s {
             Sink::Started(pid) => json!({"type": "start", "pid": pid}),
             Sink::Stdout(b) => chunk_json("stdout", b),
@@ -626,14 +648,7 @@ async fn ws_session(
         // The client went away: end the command.
         let _ = input.cancel();
     });
-    let mut fin = Finished {
-        exit_code: None,
-        signal: None,
-        status: Status::Error,
-        message: None,
-        truncated: Truncated::default(),
-        wall_ms: 0,
-    };
+    let mut fin = Finished::new(None);
     while let Some(ev) = exec.next().await {
         match ev {
             ExecEvent::Started { pid } => {
@@ -656,9 +671,17 @@ async fn ws_session(
                 signal,
                 status,
             } => {
-                fin.exit_code = exit_code;
-                fin.signal = signal;
-                fin.status = status;
+                let timed_out_ms =
+                    (status == Status::Timeout).then(|| spec.timeout_ms.unwrap_or(0));
+                fin.exited(
+                    exit_code,
+                    signal,
+                    status,
+                    Ending {
+                        timed_out_ms,
+                        ..Ending::default()
+                    },
+                );
                 break;
             }
             ExecEvent::Failed(e) => {
