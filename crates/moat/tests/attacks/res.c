@@ -57,6 +57,10 @@ static const char *errname(int e) {
 static void ran(const char *mode) {
     printf("RAN %s\n", mode);
     fflush(stdout);
+    /* The marker must reach the host before the attack can end the whole sandbox (in the
+     * gvisor tier the host's OOM killer takes the sentry, and with it what the agent had not
+     * relayed yet): a moment for the agent to send it, which a loaded machine needs. */
+    usleep(100 * 1000);
 }
 
 static double now_s(void) {
