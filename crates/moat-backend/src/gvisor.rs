@@ -1359,6 +1359,9 @@ fn try_platform(runsc: &Path, platform: &str) -> Result<u64, String> {
     let child = std::process::Command::new(runsc)
         .arg(format!("--root={}", state.state_root().display()))
         .arg("--network=none")
+        // A probe that hangs (kvm on a nested host) is killed; a cgroup of runsc's own would
+        // be left behind then (runsc-NNNNNN in every hierarchy).
+        .arg("--ignore-cgroups")
         .arg(format!("--platform={platform}"))
         .args(["do", "true"])
         .current_dir(&root)

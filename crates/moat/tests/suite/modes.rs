@@ -142,8 +142,28 @@ fn root_runs_get_distinct_host_uid_ranges() {
     assert!(ba.abs_diff(bb) >= 65536);
 }
 
+/// runsc's own cgroups (`runsc-NNNNNN`): at the top of cgroup v2, or of each v1 hierarchy.
+fn runsc_cgroups() -> Vec<std::path::PathBuf> {
+    let runsc = |e: &std::fs::DirEntry| e.file_name().to_string_lossy().starts_with("runsc-");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if runsc(&e) {
+            out.push(e.path());
+        } else if let Ok(rd) = std::fs::read_dir(e.path()) {
+            out.extend(rd.flatten().filter(runsc).map(|e| e.path()));
+        }
+    }
+    out.sort();
+    out
+}
+
 #[test]
 fn doctor_reports_each_layer() {
+    let runsc_before = runsc_cgroups();
     let out = Command::new(moat_bin())
         .args(["doctor", "--json"])
         .output()
@@ -179,6 +199,13 @@ fn doctor_reports_each_layer() {
         t.contains("landlock") && t.contains("tiers: native available"),
         "{t}"
     );
+    // Its runsc probes (one of which hangs and is killed on a nested-KVM host) leave no
+    // cgroup of runsc's behind.
+    let left: Vec<_> = runsc_cgroups()
+        .into_iter()
+        .filter(|p| !runsc_before.contains(p))
+        .collect();
+    assert!(left.is_empty(), "moat doctor left runsc cgroups: {left:?}");
 }
 
 #[test]
