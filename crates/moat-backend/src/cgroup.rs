@@ -276,9 +276,9 @@ pub struct Limits {
 
 /// One sandbox's cgroup (one directory per v1 hierarchy, or one v2 directory).
 ///
-/// Dropping it removes the directories (see [`Cgroup::destroy`]); [`Cgroup::into_paths`]
-/// lets go of a cgroup that must outlive the handle (a persistent sandbox, reopened later with
-/// [`Cgroup::open`]).
+/// A handle only: dropping it never removes anything. The cgroup goes when its owner says so,
+/// with [`Cgroup::destroy`] (or [`Cgroup::remove`]), in the one teardown of each path; a
+/// persistent sandbox's cgroup outlives every handle and is reopened with [`Cgroup::open`].
 #[derive(Debug)]
 pub struct Cgroup {
     pub version: Version,
@@ -346,6 +346,21 @@ impl Cgroup {
             version: host.version,
             dirs: Vec::new(),
         };
+        // What was made before a failure is removed before the error is returned.
+        if let Err(e) = cg.make_dirs(host, name) {
+            cg.destroy();
+            return Err(e);
+        }
+        if let Err(e) = cg.apply(limits) {
+            cg.destroy();
+            return Err(e);
+        }
+        Ok(cg)
+    }
+
+    /// Creates the directories of [`Cgroup::create`], recording each as it is made.
+    fn make_dirs(&mut self, host: &Host, name: &str) -> Result<(), CgroupError> {
+        let cg = self;
         match host.version {
             Version::V1 => {
                 for (c, parent) in host.parents.iter().chain(&host.extra) {
@@ -372,11 +387,7 @@ impl Cgroup {
                 }
             }
         }
-        if let Err(e) = cg.apply(limits) {
-            cg.destroy();
-            return Err(e);
-        }
-        Ok(cg)
+        Ok(())
     }
 
     /// The cgroup's directories, each once: the one v2 directory, or one per v1 hierarchy
@@ -392,12 +403,9 @@ impl Cgroup {
         v
     }
 
-    /// Lets go of the cgroup without removing it (the handle's drop would), returning its
-    /// [`Cgroup::paths`].
-    pub fn into_paths(mut self) -> Vec<PathBuf> {
-        let v = self.paths();
-        self.dirs.clear();
-        v
+    /// The handle's [`Cgroup::paths`], for storing (the cgroup stays).
+    pub fn into_paths(self) -> Vec<PathBuf> {
+        self.paths()
     }
 
     /// A handle to an existing sandbox cgroup from its stored [`Cgroup::paths`] (e.g. a
@@ -810,12 +818,6 @@ fn open_under(root: &Path, paths: Vec<PathBuf>) -> Result<Cgroup, CgroupError> {
         version: version.unwrap_or(Version::V1),
         dirs,
     })
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        self.destroy();
-    }
 }
 
 impl Host {

@@ -287,7 +287,8 @@ pub fn spawn(req: &SpawnRequest) -> Result<Spawned, RunError> {
     mkdir(&ctl, 0o700)?;
     mkdir(&dir.join("state"), 0o700)?;
     let policy_json = serde_json::to_vec(&boot::GvisorConfig {
-        policy: policy_to_json(policy),
+        policy: serde_json::to_value(policy)
+            .map_err(|e| RunError::Setup(format!("encode the policy: {e}")))?,
         ca_pem: policy.network.ca_pem.clone(),
     })
     .map_err(|e| RunError::Setup(format!("encode the policy: {e}")))?;
@@ -461,68 +462,6 @@ fn sweep_stale(base: &Path) {
             let _ = fs::remove_dir_all(&dir);
         }
     }
-}
-
-/// The policy in the schema of moat's TOML policy, as JSON.
-fn policy_to_json(p: &Policy) -> serde_json::Value {
-    use serde_json::json;
-    let l = &p.limits;
-    let layers: Vec<&str> = p
-        .security
-        .allow_missing
-        .iter()
-        .map(|l| l.as_str())
-        .collect();
-    let mounts: Vec<serde_json::Value> =
-        p.fs.mounts
-            .iter()
-            .map(|m| json!({"src": m.src, "dst": m.dst, "rw": m.rw}))
-            .collect();
-    let n = &p.network;
-    json!({
-        "limits": {
-            "memory": l.memory.to_string(),
-            "pids": l.pids,
-            "cpus": l.cpus,
-            "timeout": format!("{}ms", l.timeout.as_millis()),
-            "output": l.output.to_string(),
-            "nofile": l.nofile,
-            "fsize": l.fsize.to_string(),
-            "stack": l.stack.to_string(),
-            "tmp_size": l.tmp_size.to_string(),
-            "workdir_size": l.workdir_size.to_string(),
-        },
-        "fs": {
-            "root": p.fs.root,
-            "workdir": p.fs.workdir,
-            "sys": p.fs.sys,
-            "mount": mounts,
-        },
-        "env": p.env,
-        "process": {
-            "uid": p.process.uid,
-            "gid": p.process.gid,
-            "hostname": p.process.hostname,
-        },
-        "network": {
-            "mode": match n.mode {
-                moat_policy::NetworkMode::None => "none",
-                moat_policy::NetworkMode::Allowlist => "allowlist",
-            },
-            "allow": n.allow,
-            "deny": n.deny,
-            "max_denials": n.max_denials,
-            "max_connections": n.max_connections,
-            "max_bytes": n.max_bytes.to_string(),
-            "idle_timeout": format!("{}ms", n.idle_timeout.as_millis()),
-            "secrets": n.secrets,
-        },
-        "security": {
-            "allow_missing": layers,
-            "landlock_min_abi": p.security.landlock_min_abi,
-        },
-        "tier": p.tier.as_str(),
-    })
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
@@ -1441,10 +1380,10 @@ mod tests {
             allow_missing = ["landlock"]
         "#;
         let p = Policy::from_toml(text).unwrap();
-        let back: Policy = serde_json::from_value(policy_to_json(&p)).unwrap();
+        let back: Policy = serde_json::from_value(serde_json::to_value(&p).unwrap()).unwrap();
         assert_eq!(back, p);
         let d = Policy::default();
-        let back: Policy = serde_json::from_value(policy_to_json(&d)).unwrap();
+        let back: Policy = serde_json::from_value(serde_json::to_value(&d).unwrap()).unwrap();
         assert_eq!(back, d);
     }
 

@@ -1,8 +1,8 @@
 //! The policy document. Every knob has its default in its doc comment; everything unknown is
 //! rejected; [`Policy::validate`] checks the whole document once, before anything runs.
 
-use crate::units::{de_bytes, de_duration};
-use serde::Deserialize;
+use crate::units::{de_bytes, de_duration, ser_bytes, ser_duration};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ fn invalid(field: &str, message: impl Into<String>) -> PolicyError {
 }
 
 /// A sandbox policy. Secure by default: no network, tight limits, every layer required.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Policy {
     pub limits: Limits,
@@ -40,7 +40,7 @@ pub struct Policy {
 }
 
 /// An isolation tier (see DESIGN.md).
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum Tier {
     #[default]
@@ -70,36 +70,36 @@ impl Tier {
 }
 
 /// Resource limits. Enforced by the kernel (cgroups, rlimits) and watched by moat.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Memory for the whole sandbox, swap 0. Default `512M`.
-    #[serde(deserialize_with = "de_bytes")]
+    #[serde(deserialize_with = "de_bytes", serialize_with = "ser_bytes")]
     pub memory: u64,
     /// Processes and threads in the whole sandbox. Default `128`.
     pub pids: u64,
     /// CPU quota in cores (`0.5` = half a core). Default `1.0`.
     pub cpus: f64,
     /// Wall-clock timeout for the whole run; the sandbox is killed when it fires. Default `30s`.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub timeout: Duration,
     /// Cap on captured stdout and on stderr, each; over it the sandbox is killed with status
     /// `output_limit`. Default `16M`.
-    #[serde(deserialize_with = "de_bytes")]
+    #[serde(deserialize_with = "de_bytes", serialize_with = "ser_bytes")]
     pub output: u64,
     /// Open files per process (`RLIMIT_NOFILE`). Default `1024`.
     pub nofile: u64,
     /// Largest file a process may write (`RLIMIT_FSIZE`). Default `1G`.
-    #[serde(deserialize_with = "de_bytes")]
+    #[serde(deserialize_with = "de_bytes", serialize_with = "ser_bytes")]
     pub fsize: u64,
     /// Stack size (`RLIMIT_STACK`). Default `8M`.
-    #[serde(deserialize_with = "de_bytes")]
+    #[serde(deserialize_with = "de_bytes", serialize_with = "ser_bytes")]
     pub stack: u64,
     /// Size of the writable `/tmp` (a tmpfs, counted in the memory limit). Default `64M`.
-    #[serde(deserialize_with = "de_bytes")]
+    #[serde(deserialize_with = "de_bytes", serialize_with = "ser_bytes")]
     pub tmp_size: u64,
     /// Size of the writable working directory (a tmpfs). Default `256M`.
-    #[serde(deserialize_with = "de_bytes")]
+    #[serde(deserialize_with = "de_bytes", serialize_with = "ser_bytes")]
     pub workdir_size: u64,
 }
 
@@ -121,7 +121,7 @@ impl Default for Limits {
 }
 
 /// The filesystem the workload sees.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Fs {
     /// A host directory to use as the root, read-only. Default: none, which gives a fresh
@@ -149,7 +149,7 @@ impl Default for Fs {
 }
 
 /// One bind mount of a host path.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Mount {
     /// Host path (absolute).
@@ -185,7 +185,7 @@ impl Mount {
 }
 
 /// The workload's identity inside the sandbox.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Process {
     /// uid of the workload inside the sandbox. Default `1000`. Root (0) is refused: root inside
@@ -210,7 +210,7 @@ impl Default for Process {
 /// Network access. The sandbox never has a route out: in `allowlist` mode its agent relays
 /// each connection made to its loopback proxy port to moat's egress proxy, which applies
 /// these rules.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Network {
     /// `none` (default): the sandbox has only its own loopback. `allowlist`: connections
@@ -227,10 +227,10 @@ pub struct Network {
     /// Connections through the proxy at once. Default `64`.
     pub max_connections: u32,
     /// Bytes through the proxy over the sandbox's life, both ways together. Default `1G`.
-    #[serde(deserialize_with = "de_bytes")]
+    #[serde(deserialize_with = "de_bytes", serialize_with = "ser_bytes")]
     pub max_bytes: u64,
     /// A proxied connection with no traffic either way for this long is closed. Default `60s`.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub idle_timeout: Duration,
     /// Secrets bound to hosts: `OPENAI_API_KEY = ["api.openai.com"]`. The sandbox's
     /// environment holds only a placeholder; the proxy puts the real value (given to
@@ -260,7 +260,7 @@ impl Default for Network {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum NetworkMode {
     #[default]
@@ -269,7 +269,7 @@ pub enum NetworkMode {
 }
 
 /// A defence layer that a host may lack.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
 pub enum Layer {
     /// cgroup limits (memory, pids, cpu): missing when rootless without delegation.
@@ -288,7 +288,7 @@ impl Layer {
 }
 
 /// Which layers must be present.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Security {
     /// Layers the run may go without when the host lacks them, e.g. `["cgroups"]` for a
@@ -542,6 +542,66 @@ impl Network {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_policy_serialises_whole_and_reads_back_equal() {
+        // Every field off its default, so that a field the serialiser dropped would show.
+        let text = r#"
+            tier = "gvisor"
+            env = { A = "1", B = "two words" }
+            [limits]
+            memory = "100M"
+            pids = 77
+            cpus = 0.25
+            timeout = "1500ms"
+            output = "3M"
+            nofile = 99
+            fsize = "5M"
+            stack = "2M"
+            tmp_size = "7M"
+            workdir_size = "9M"
+            [fs]
+            root = "/srv/root"
+            workdir = "/w"
+            sys = true
+            [[fs.mount]]
+            src = "/usr/share"
+            dst = "/data"
+            rw = true
+            [process]
+            uid = 1234
+            gid = 4321
+            hostname = "box"
+            [network]
+            mode = "allowlist"
+            allow = ["example.com:443", "*.pypi.org"]
+            deny = ["bad.example.com"]
+            max_denials = 3
+            max_connections = 5
+            max_bytes = "10M"
+            idle_timeout = "2.5s"
+            secrets = { K = ["example.com"] }
+            [security]
+            allow_missing = ["landlock", "cgroups"]
+            landlock_min_abi = 2
+        "#;
+        let mut p = Policy::from_toml(text).unwrap();
+        assert_ne!(p, Policy::default());
+        let json = serde_json::to_value(&p).unwrap();
+        let back: Policy = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, p, "{json}");
+        // A sub-millisecond duration survives too.
+        p.limits.timeout = Duration::from_micros(1500);
+        let back: Policy = serde_json::from_value(serde_json::to_value(&p).unwrap()).unwrap();
+        assert_eq!(back.limits.timeout, p.limits.timeout);
+        // The sandbox CA is never part of a policy document.
+        p.network.ca_pem = Some("-----BEGIN CERTIFICATE-----".into());
+        let json = serde_json::to_string(&p).unwrap();
+        assert!(!json.contains("BEGIN CERTIFICATE"), "{json}");
+        let d = Policy::default();
+        let back: Policy = serde_json::from_value(serde_json::to_value(&d).unwrap()).unwrap();
+        assert_eq!(back, d);
+    }
 
     #[test]
     fn defaults_are_secure_and_valid() {

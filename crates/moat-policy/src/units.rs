@@ -1,6 +1,6 @@
 //! Human units for sizes (`256M`, `1G`, `4096`) and durations (`500ms`, `5s`, `2m`, `1h`).
 
-use serde::{de, Deserialize, Deserializer};
+use serde::{de, Deserialize, Deserializer, Serializer};
 use std::time::Duration;
 
 /// Parses a byte size: a plain number of bytes, or a number with a binary suffix
@@ -88,6 +88,21 @@ pub fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error
         NumOrStr::Float(f) if f >= 0.0 && f.is_finite() => Ok(Duration::from_secs_f64(f)),
         NumOrStr::Float(f) => Err(de::Error::custom(format!("{f} is not a duration"))),
         NumOrStr::Str(s) => parse_duration(&s).map_err(de::Error::custom),
+    }
+}
+
+/// serde helper: a byte size as a plain number of bytes (what [`de_bytes`] reads back).
+pub fn ser_bytes<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(*v)
+}
+
+/// serde helper: a duration as milliseconds with its unit, e.g. `"30000ms"` (fractional when
+/// it has less than a millisecond), which [`de_duration`] reads back exactly.
+pub fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    if d.subsec_nanos().is_multiple_of(1_000_000) {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    } else {
+        s.serialize_str(&format!("{}ms", d.as_secs_f64() * 1000.0))
     }
 }
 

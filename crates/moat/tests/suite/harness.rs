@@ -109,6 +109,14 @@ impl Fence {
     }
 }
 
+impl Drop for Fence {
+    fn drop(&mut self) {
+        if let Some(mut cg) = self.cg.take() {
+            cg.destroy();
+        }
+    }
+}
+
 /// Output of one `moat` invocation.
 pub struct Run {
     pub code: i32,

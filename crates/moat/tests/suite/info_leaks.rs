@@ -32,7 +32,7 @@ fn run_with_host_env(key: &str, value: &str, opts: &[&str], cmd: &[&str]) -> Opt
             cpus: 1.0,
         },
     );
-    let fence = match fence {
+    let mut fence = match fence {
         Ok(c) => c,
         Err(e) => {
             require(false, &format!("a test cgroup fence ({e})"));
@@ -56,7 +56,7 @@ fn run_with_host_env(key: &str, value: &str, opts: &[&str], cmd: &[&str]) -> Opt
         .stdin(Stdio::null())
         .output()
         .expect("spawn moat");
-    drop(fence);
+    fence.destroy();
     Some(serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "moat did not print a JSON result ({e}): {:?} stdout: {} stderr: {}",

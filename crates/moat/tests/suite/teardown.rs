@@ -241,7 +241,9 @@ impl Drop for OwnFence {
                 }
             }
         }
-        self.cg.take();
+        if let Some(mut cg) = self.cg.take() {
+            cg.destroy();
+        }
     }
 }
 
