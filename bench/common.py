@@ -1,6 +1,6 @@
 """What the bench scripts share: the moat binary to measure, percentiles, and a client of
 moat serve's HTTP API (one kept-alive connection)."""
-import glob, http.client, json, os, signal, socket, subprocess
+import glob, http.client, json, os, signal, socket, subprocess, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -42,6 +42,26 @@ class Client:
             if line.startswith(name + " "):
                 return float(line.split()[-1])
         return None
+
+
+def await_daemon(proc, port, state):
+    """Waits (at most 10 s) for a just-started `moat serve` on `port` to answer /v1/health and
+    returns the admin key from its state directory; kills it and raises if it exits first or
+    never answers."""
+    for _ in range(500):
+        if proc.poll() is not None:
+            raise RuntimeError(f"moat serve exited with {proc.returncode}")
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            c.request("GET", "/v1/health")
+            if c.getresponse().status == 200:
+                break
+        except OSError:
+            time.sleep(0.02)
+    else:
+        proc.kill()
+        raise RuntimeError("moat serve did not answer /v1/health")
+    return open(os.path.join(state, "admin.key")).read().strip()
 
 
 def stop_daemon(proc, timeout):

@@ -17,9 +17,9 @@ Starts its own `moat serve` on a free port with a fresh state directory, then me
 
 Prints medians, p99 and ratios; writes the figures as JSON.
 """
-import argparse, glob, http.client, json, os, shutil, signal, socket, statistics, subprocess
+import argparse, glob, json, os, shutil, signal, socket, statistics, subprocess
 import sys, tempfile, threading, time
-from common import default_moat, pct, Client, free_port, stop_daemon
+from common import default_moat, pct, Client, await_daemon, free_port, stop_daemon
 
 
 BWRAP = ["--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr",
@@ -47,15 +47,7 @@ def start_daemon(moat):
     port = free_port()
     proc = subprocess.Popen([moat, "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", state],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(500):
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            c.request("GET", "/v1/health")
-            if c.getresponse().status == 200:
-                break
-        except OSError:
-            time.sleep(0.02)
-    key = open(os.path.join(state, "admin.key")).read().strip()
+    key = await_daemon(proc, port, state)
     return proc, port, key, state
 
 

@@ -29,9 +29,9 @@ of its sandboxes (ids moat-g<spawner pid hex>-...) are counted: there should be 
 (median, p90, p99, ratios to the runsc peer and gvisor / native) and writes them next to the
 JSON figures (results/gvisor.json and results/gvisor.md by default).
 """
-import argparse, glob, http.client, json, os, platform, shutil, signal, socket, statistics
+import argparse, glob, json, os, platform, shutil, signal, socket, statistics
 import subprocess, sys, tempfile, time
-from common import default_moat, pct, Client, free_port, stop_daemon
+from common import default_moat, pct, Client, await_daemon, free_port, stop_daemon
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -68,18 +68,7 @@ def start_daemon(moat, extra=()):
     proc = subprocess.Popen([moat, "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", state,
                              *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(500):
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            c.request("GET", "/v1/health")
-            if c.getresponse().status == 200:
-                break
-        except OSError:
-            time.sleep(0.02)
-    else:
-        proc.kill()
-        raise SystemExit("moat serve did not answer /v1/health")
-    key = open(os.path.join(state, "admin.key")).read().strip()
+    key = await_daemon(proc, port, state)
     return proc, port, key, state
 
 

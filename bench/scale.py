@@ -30,9 +30,9 @@ left is then looked for (the daemon's spawners' cgroups, sandbox inits) and remo
 and the script says so. With --out, writes the figures as JSON and the table next to them as
 markdown (results/scale.json and results/scale.md is the usual place). Run as root.
 """
-import argparse, glob, http.client, json, os, shutil, signal, statistics, subprocess, sys
+import argparse, glob, json, os, shutil, signal, statistics, subprocess, sys
 import tempfile, threading, time
-from common import default_moat, pct, Client, free_port, stop_daemon
+from common import default_moat, pct, Client, await_daemon, free_port, stop_daemon
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT_S = 3600
@@ -123,20 +123,7 @@ def start_daemon(moat, state, port, log):
     proc = subprocess.Popen([moat, "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", state,
                              "--default-ttl", str(TIMEOUT_S), "--max-ttl", str(4 * TIMEOUT_S)],
                             stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-    for _ in range(500):
-        if proc.poll() is not None:
-            raise RuntimeError(f"moat serve exited with {proc.returncode}")
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            c.request("GET", "/v1/health")
-            if c.getresponse().status == 200:
-                break
-        except OSError:
-            time.sleep(0.02)
-    else:
-        proc.kill()
-        raise RuntimeError("moat serve did not answer /v1/health")
-    key = open(os.path.join(state, "admin.key")).read().strip()
+    key = await_daemon(proc, port, state)
     return proc, key
 
 
