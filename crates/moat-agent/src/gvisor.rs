@@ -14,18 +14,6 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 
-/// Signals the agent handles (as the native tier's init).
-const AGENT_SIGNALS: [libc::c_int; 8] = [
-    libc::SIGCHLD,
-    libc::SIGINT,
-    libc::SIGTERM,
-    libc::SIGHUP,
-    libc::SIGQUIT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-    libc::SIGWINCH,
-];
-
 fn report(status: &InitReport) {
     let mut l = status.encode();
     l.push('\n');
@@ -115,8 +103,8 @@ fn agent_setup(prog: &'static [SockFilter]) -> Result<AgentParts, String> {
     // user neither it nor the workload can enter it.
     moat_sys::fs::umask(0o022);
 
-    sys::block_signals(&AGENT_SIGNALS).map_err(ctx("block signals"))?;
-    let sigfd = sys::signalfd(&AGENT_SIGNALS).map_err(ctx("signalfd"))?;
+    sys::block_signals(&crate::INIT_SIGNALS).map_err(ctx("block signals"))?;
+    let sigfd = sys::signalfd(&crate::INIT_SIGNALS).map_err(ctx("signalfd"))?;
 
     // Become the sandbox user, as the native tier's agent does: no capabilities (bounding set
     // emptied first), no new privileges, not dumpable, the seccomp filter. gVisor does not

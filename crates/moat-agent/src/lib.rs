@@ -21,3 +21,16 @@ pub mod gvisor;
 pub mod serve;
 
 pub use moat_proto::boot::EGRESS_PORT;
+
+/// The signals a sandbox's PID 1 (init, then the agent, in every tier) blocks and reads from
+/// its signalfd: children ending, and those it relays to a one-shot workload.
+pub const INIT_SIGNALS: [libc::c_int; 8] = [
+    libc::SIGCHLD,
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGWINCH,
+];

@@ -29,6 +29,7 @@ use crate::idmap::IdMap;
 use crate::probe;
 use crate::rootfs;
 use moat_agent::exec::{read_to_end, ExecEnv, Workload};
+use moat_agent::INIT_SIGNALS;
 use moat_api::outcome::{classify, Ending, Scope as OutcomeScope};
 use moat_api::{ExecResult, Layers, Status, Truncated};
 use moat_policy::{Layer, Policy};
@@ -108,17 +109,6 @@ pub const NAMESPACES: libc::c_int = sys::CLONE_NEWUSER
 
 /// Signals the parent relays to the sandbox.
 const RELAYED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
-/// Signals init handles.
-const INIT_SIGNALS: [libc::c_int; 8] = [
-    libc::SIGCHLD,
-    libc::SIGINT,
-    libc::SIGTERM,
-    libc::SIGHUP,
-    libc::SIGQUIT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-    libc::SIGWINCH,
-];
 
 /// The layers a run will have, decided before anything starts.
 struct Plan {

@@ -97,7 +97,8 @@ impl CommandBody {
         }
     }
 
-    /// The request to the agent: the complete environment (nothing is inherited inside).
+    /// The request to the agent (the agent adds the sandbox's base environment; nothing of the
+    /// host is inherited).
     pub fn spec(
         &self,
         sbx: &Sandbox,
@@ -118,13 +119,11 @@ impl CommandBody {
                 )));
             }
         }
-        let mut env = base_env(&sbx.policy);
-        for (k, v) in &self.env {
-            env.insert(k.clone(), v.clone());
-        }
         Ok(ExecSpec {
             argv,
-            env,
+            // The request's variables only: the agent starts every process from the sandbox's
+            // base environment (moat_proto::boot::base_env) and puts these on top.
+            env: self.env.clone(),
             cwd: self.cwd.clone(),
             stdin,
             pty,
@@ -132,11 +131,6 @@ impl CommandBody {
             background,
         })
     }
-}
-
-/// The environment every command starts with: the same as `moat run`'s, then the policy's.
-pub fn base_env(policy: &Policy) -> BTreeMap<String, String> {
-    moat_proto::boot::base_env(policy).into_iter().collect()
 }
 
 fn wants_ndjson(headers: &HeaderMap) -> bool {
