@@ -73,6 +73,7 @@ pub fn router(app: Arc<Engine>) -> Router {
         .route("/v1/sandboxes/{id}/files/{*rest}", delete(no_route))
         .fallback(no_route)
         .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn(close_if_unread))
         .layer(middleware::from_fn_with_state(app.clone(), count))
         .with_state(app)
 }
@@ -87,6 +88,69 @@ async fn count(State(app): State<Arc<Engine>>, req: Request, next: Next) -> Resp
         app.counters.errors_5xx.fetch_add(1, Ordering::Relaxed);
     }
     resp
+}
+
+/// Answers with `Connection: close` when the handler did not read the request's body to its end
+/// (a rejection before the body was needed: authentication, a 404, a body over its bound).
+///
+/// hyper does not keep such a connection alive once the body is not drained, but its answer
+/// does not say so; a client that pools connections then sends its next request into a socket
+/// that is closing and sees "peer disconnected". Saying it lets every client open a new one.
+async fn close_if_unread(req: Request, next: Next) -> Response {
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n > 0);
+    if !has_body {
+        return next.run(req).await;
+    }
+    let read = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (parts, body) = req.into_parts();
+    let body = Body::new(ReadToEnd {
+        inner: body,
+        read: read.clone(),
+    });
+    let mut resp = next.run(Request::from_parts(parts, body)).await;
+    if !read.load(Ordering::Acquire) {
+        resp.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
+    resp
+}
+
+/// A request body that records whether it was read to its end.
+struct ReadToEnd {
+    inner: Body,
+    read: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl http_body::Body for ReadToEnd {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let p = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(None) = p {
+            self.read.store(true, Ordering::Release);
+        }
+        p
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 async fn no_route() -> ApiError {
