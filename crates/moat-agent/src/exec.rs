@@ -81,7 +81,16 @@ impl ExecEnv<'_> {
         };
         let mut rs = ll::Ruleset::new(all, scoped)?;
         let read = ll::ACCESS_FS_READ_FILE | ll::ACCESS_FS_READ_DIR | ll::ACCESS_FS_EXECUTE;
-        rs.allow("/", read)?;
+        if self.policy.fs.image.is_some() {
+            // A template's root is the sandbox's own writable layer over shared read-only
+            // files (their owners' permissions still apply); never device nodes.
+            rs.allow(
+                "/",
+                all & !(ll::ACCESS_FS_MAKE_CHAR | ll::ACCESS_FS_MAKE_BLOCK),
+            )?;
+        } else {
+            rs.allow("/", read)?;
+        }
         rs.allow("/proc", read | ll::ACCESS_FS_WRITE_FILE)?;
         let dev =
             read | ll::ACCESS_FS_WRITE_FILE | ll::ACCESS_FS_IOCTL_DEV | ll::ACCESS_FS_TRUNCATE;

@@ -335,20 +335,38 @@ pub fn spawn(req: &SpawnRequest) -> Result<Spawned, RunError> {
             .collect()
     });
     let plat = platform();
-    let args: Vec<String> = vec![
+    let mut args: Vec<String> = vec![
         "runsc".into(),
         format!("--root={}", dir.join("state").display()),
         "--network=none".into(),
         "--ignore-cgroups".into(),
         "--host-uds=create".into(),
         format!("--platform={plat}"),
+    ];
+    args.extend([
         "run".into(),
         "--detach".into(),
         "--bundle".into(),
         bundle.display().to_string(),
         id.clone(),
-    ];
-    let child = exec_runsc(&runsc, &args, st_w, log.as_raw_fd(), &procs_files)?;
+    ]);
+    let image = policy.fs.image.as_ref().map(|img| ImageMount {
+        lower: img.rootfs.clone(),
+        layer: dir.join("layer"),
+        root: bundle.join("rootfs"),
+        size: policy.limits.root_size,
+    });
+    if let Some(m) = &image {
+        mkdir(&m.layer, 0o700)?;
+    }
+    let child = exec_runsc(
+        &runsc,
+        &args,
+        st_w,
+        log.as_raw_fd(),
+        &procs_files,
+        image.as_ref(),
+    )?;
     drop(log);
     trace(started, "runsc-forked");
     let line = crate::native::read_line(st_r.as_raw_fd(), READY_TIMEOUT);
@@ -541,12 +559,57 @@ fn make_cgroup(
 /// Forks and executes runsc with stdin on /dev/null, stdout on `st_w`, stderr on `log`,
 /// in the cgroup whose `cgroup.procs` files are `procs_files`, in a session of its own and
 /// with default signal dispositions. Returns its pidfd.
+/// A template's root for runsc: an overlay of the template's files (read-only, shared) and a
+/// writable layer of the sandbox's own on a tmpfs of `size`, mounted at `root` in a mount
+/// namespace of runsc's own (so its sandbox and gofer see it, the host never does, and it
+/// goes away with them). runsc creates the spec's mount points in the root on the host side:
+/// they land in the sandbox's layer, never in the shared template.
+struct ImageMount {
+    lower: String,
+    layer: PathBuf,
+    root: PathBuf,
+    size: u64,
+}
+
+impl ImageMount {
+    /// Runs in runsc's child before exec.
+    fn mount(&self) -> io::Result<()> {
+        use moat_sys::fs as m;
+        let s = |p: &Path| p.display().to_string();
+        sys::unshare(libc::CLONE_NEWNS)?;
+        m::mount(None, "/", None, m::MS_REC | m::MS_SLAVE, None)?;
+        m::mount(
+            Some("tmpfs"),
+            &s(&self.layer),
+            Some("tmpfs"),
+            m::MS_NOSUID | m::MS_NODEV,
+            Some(&format!("mode=0700,size={}", self.size)),
+        )?;
+        let (upper, work) = (self.layer.join("upper"), self.layer.join("work"));
+        fs::create_dir(&upper)?;
+        fs::create_dir(&work)?;
+        m::mount(
+            Some("overlay"),
+            &s(&self.root),
+            Some("overlay"),
+            m::MS_NOSUID | m::MS_NODEV,
+            Some(&format!(
+                "lowerdir={},upperdir={},workdir={}",
+                self.lower,
+                s(&upper),
+                s(&work)
+            )),
+        )
+    }
+}
+
 fn exec_runsc(
     runsc: &Path,
     args: &[String],
     st_w: OwnedFd,
     log: RawFd,
     procs_files: &[String],
+    image: Option<&ImageMount>,
 ) -> Result<OwnedFd, RunError> {
     let to_c = |s: &str| {
         CString::new(s).map_err(|_| RunError::Setup(format!("`{s}` contains a NUL byte")))
@@ -574,6 +637,11 @@ fn exec_runsc(
             for f in procs_files {
                 if let Err(e) = fs::write(f, "0") {
                     fail(&format!("join the sandbox's cgroup ({f})"), e);
+                }
+            }
+            if let Some(img) = image {
+                if let Err(e) = img.mount() {
+                    fail("mount the template's root", e);
                 }
             }
             let _ = sys::setsid();
@@ -954,10 +1022,40 @@ fn build_spec(
         "proc",
         &["nosuid", "nodev", "noexec"],
     )?];
-    let own_root = policy.fs.root.is_none();
-    let root_path = match &policy.fs.root {
-        Some(r) => PathBuf::from(r),
-        None => {
+    let own_root = policy.fs.root.is_none() && policy.fs.image.is_none();
+    let root_path = match (&policy.fs.image, &policy.fs.root) {
+        // A template's files: read-only, shared; runsc keeps the sandbox's writes in a
+        // memory-backed overlay of its own (`--overlay2=root:memory`, counted in the
+        // sandbox's memory). The host name, hosts and resolver files are moat's.
+        (Some(img), _) => {
+            let etc = bundle.join("etc");
+            mkdir(&etc, 0o755)?;
+            let host = &policy.process.hostname;
+            for (name, body) in [
+                ("hostname", format!("{host}\n")),
+                (
+                    "hosts",
+                    format!(
+                        "127.0.0.1\tlocalhost\n127.0.1.1\t{host}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+                    ),
+                ),
+                ("resolv.conf", "# no network in this sandbox\n".to_string()),
+            ] {
+                let f = etc.join(name);
+                fs::write(&f, body).map_err(io_ctx(format!("write {}", f.display())))?;
+                mounts.push(mount(
+                    &format!("/etc/{name}"),
+                    "bind",
+                    &f.display().to_string(),
+                    &["bind", "ro", "nosuid", "nodev", "noexec"],
+                )?);
+            }
+            // The overlay exec_runsc mounts there, in runsc's own mount namespace.
+            let _ = img;
+            rootfs_dir.clone()
+        }
+        (None, Some(r)) => PathBuf::from(r),
+        (None, None) => {
             for d in rootfs::HOST_DIRS {
                 let src = format!("/{d}");
                 match fs::symlink_metadata(&src) {
@@ -1142,7 +1240,7 @@ fn build_spec(
         .map_err(|e| RunError::Setup(format!("OCI process: {e}")))?;
     let root = oci::RootBuilder::default()
         .path(root_path)
-        .readonly(true)
+        .readonly(policy.fs.image.is_none())
         .build()
         .map_err(|e| RunError::Setup(format!("OCI root: {e}")))?;
     let ns = |t: oci::LinuxNamespaceType| {

@@ -5,6 +5,7 @@
 pub mod cgroup;
 pub mod gvisor;
 pub mod idmap;
+mod image;
 pub mod native;
 pub mod probe;
 mod rootfs;

@@ -350,6 +350,19 @@ fn start(
         started.elapsed().as_nanos() & 0xffff_ffff
     );
 
+    // A template's files, as a detached mount that shows them with the sandbox's ids (made
+    // here, as root of the host: the sandbox cannot make it, and inherits it).
+    let image_tree = match (&policy.fs.image, rootless) {
+        (Some(img), false) => {
+            let (u, g) = ids.maps(policy.process.uid, policy.process.gid);
+            Some(
+                crate::image::idmapped_tree(&img.rootfs, &u, &g)
+                    .map_err(|e| RunError::Setup(format!("mount template `{}`: {e}", img.name)))?,
+            )
+        }
+        _ => None,
+    };
+
     let (sync_r, sync_w) = sys::pipe().map_err(io_ctx("pipe"))?;
     let (st_r, st_w) = sys::pipe().map_err(io_ctx("pipe"))?;
 
@@ -370,6 +383,7 @@ fn start(
             let mut keep = job.fds();
             keep.extend([sync_r.as_raw_fd(), st_w.as_raw_fd()]);
             keep.extend(ids.lock_fd());
+            keep.extend(image_tree.as_ref().map(|t| t.as_raw_fd()));
             if sys::close_fds_except(&keep).is_err() {
                 sys::exit_now(125);
             }
@@ -381,7 +395,11 @@ fn start(
                     landlock_abi,
                     prog,
                     &mountpoint,
-                    InitFds { sync_r, st_w },
+                    InitFds {
+                        sync_r,
+                        st_w,
+                        image_tree: image_tree.as_ref().map(|t| t.as_raw_fd()),
+                    },
                     job,
                     trace,
                     cpus,
@@ -391,7 +409,7 @@ fn start(
         }
         Ok(Forked::Parent { pid, pidfd }) => (pid, pidfd),
     };
-    drop((sync_r, st_w, job));
+    drop((sync_r, st_w, job, image_tree));
     // Start init on a CPU other than ours: it builds its root while we make its cgroup, and a
     // freshly forked child otherwise queues behind its parent on the same CPU. Init gives the
     // full set back before it starts the workload.
@@ -805,6 +823,8 @@ fn stale_cgroup(name: &str) -> bool {
 struct InitFds {
     sync_r: OwnedFd,
     st_w: OwnedFd,
+    /// A template's files as an id-mapped detached mount (root only).
+    image_tree: Option<RawFd>,
 }
 
 fn report(st_w: RawFd, r: &InitReport) {
@@ -860,7 +880,7 @@ fn init_main(
     let _ = sys::scrub_cmdline_and_environ(if agent { "moat-agent" } else { "moat-init" });
     trace.mark("init", "released");
     let st_w = fds.st_w.as_raw_fd();
-    let root = match init_setup(policy, rootless, mountpoint) {
+    let root = match init_setup(policy, rootless, mountpoint, fds.image_tree) {
         Ok(root) => root,
         Err(e) => {
             report_error(st_w, e);
@@ -1091,7 +1111,12 @@ fn read_until_nul(fd: RawFd) -> Vec<u8> {
     }
 }
 
-fn init_setup(policy: &Policy, rootless: bool, mountpoint: &str) -> io::Result<String> {
+fn init_setup(
+    policy: &Policy,
+    rootless: bool,
+    mountpoint: &str,
+    image_tree: Option<RawFd>,
+) -> io::Result<String> {
     let ctx =
         |what: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
     if !rootless {
@@ -1106,6 +1131,7 @@ fn init_setup(policy: &Policy, rootless: bool, mountpoint: &str) -> io::Result<S
             gid: policy.process.gid,
         },
         mountpoint,
+        image_tree,
     )?;
     moat_sys::fs::umask(0o022);
     Ok(root)

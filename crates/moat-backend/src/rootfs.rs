@@ -179,17 +179,30 @@ fn not_found(msg: String) -> io::Error {
 /// [`enter`] switches into it. `mountpoint` is an empty directory to build a default root on;
 /// with `fs.root` set, that directory is used instead. The host's tree stays visible until
 /// [`enter`].
-pub fn build(policy: &Policy, ids: &Ids, mountpoint: &str) -> io::Result<String> {
+pub fn build(
+    policy: &Policy,
+    ids: &Ids,
+    mountpoint: &str,
+    image_tree: Option<std::os::fd::RawFd>,
+) -> io::Result<String> {
     // Nothing done here may propagate back to the host.
     mount(None, "/", None, MS_REC | MS_PRIVATE, None).map_err(ctx("make / private"))?;
     let fs_ = &policy.fs;
-    let root: String = fs_.root.clone().unwrap_or_else(|| mountpoint.to_string());
+    let root: String = match (&fs_.image, &fs_.root) {
+        (Some(_), _) => format!("{mountpoint}/root"),
+        (None, Some(r)) => r.clone(),
+        (None, None) => mountpoint.to_string(),
+    };
     let nr = |p: &str| format!("{root}{p}");
-    if !Path::new(&root).is_dir() {
+    let default_root = fs_.root.is_none() && fs_.image.is_none();
+    if let Some(img) = &fs_.image {
+        image_root(policy, img, mountpoint, image_tree)?;
+    } else if !Path::new(&root).is_dir() {
         return Err(not_found(format!("root {root} is not a directory")));
     }
-    let default_root = fs_.root.is_none();
-    if default_root {
+    if fs_.image.is_some() {
+        populate_image(policy, &root)?;
+    } else if default_root {
         // noexec: nothing on the root tmpfs itself (/etc, the /dev entries) is a program;
         // /usr, /tmp and the working directory are mounts of their own.
         tmpfs(
@@ -226,7 +239,7 @@ pub fn build(policy: &Policy, ids: &Ids, mountpoint: &str) -> io::Result<String>
     )
     .map_err(ctx("mount /proc"))?;
 
-    build_dev(policy, &nr("/dev"), default_root)?;
+    build_dev(policy, &nr("/dev"), default_root || fs_.image.is_some())?;
 
     let mut masker = Masker::default();
     for name in PROC_MASKED.iter().chain(PROC_HIDDEN_DIRS) {
@@ -280,8 +293,174 @@ pub fn build(policy: &Policy, ids: &Ids, mountpoint: &str) -> io::Result<String>
         bind(&m.src, &dst, ro | MS_NOSUID | MS_NODEV)?;
     }
 
-    remount_ro(&root)?;
+    if fs_.image.is_none() {
+        remount_ro(&root)?;
+    }
     Ok(root)
+}
+
+/// A template's root: an overlay whose lower layer is the template's files (the id-mapped
+/// mount the host made, or rootless a plain read-only bind that shows them as nobody's) and
+/// whose upper layer is the sandbox's own, on a tmpfs of `limits.root_size` (counted in its
+/// memory). Built on `mountpoint`; the root is `{mountpoint}/root`.
+fn image_root(
+    policy: &Policy,
+    img: &moat_policy::ImageRoot,
+    mountpoint: &str,
+    tree: Option<std::os::fd::RawFd>,
+) -> io::Result<()> {
+    tmpfs(
+        mountpoint,
+        MS_NOSUID | MS_NODEV,
+        &format!(
+            "mode=0755,size={},nr_inodes=1048576",
+            policy.limits.root_size
+        ),
+    )?;
+    let at = |p: &str| format!("{mountpoint}/{p}");
+    for d in ["lower", "upper", "work", "root"] {
+        mkdir_p(&at(d))?;
+    }
+    match tree {
+        // init's own descriptor, inherited and kept open for this.
+        Some(fd) => moat_sys::fs::move_mount_to(fd, &at("lower"))
+            .map_err(ctx(format!("attach template `{}`", img.name)))?,
+        None => bind(&img.rootfs, &at("lower"), MS_RDONLY | MS_NOSUID | MS_NODEV)?,
+    }
+    mount(
+        Some("overlay"),
+        &at("root"),
+        Some("overlay"),
+        MS_NOSUID | MS_NODEV,
+        Some(&format!(
+            "lowerdir={},upperdir={},workdir={},userxattr",
+            at("lower"),
+            at("upper"),
+            at("work")
+        )),
+    )
+    .map_err(ctx(format!(
+        "overlay over template `{}` (needs Linux 5.11+ for overlayfs in a user namespace)",
+        img.name
+    )))
+}
+
+/// The mount points and files moat needs in a template's root, made in its writable layer
+/// where the image lacks them: `/proc`, `/dev` (its entries), `/tmp`, the working directory,
+/// mount targets, and in `/etc` the host name, `hosts`, `resolv.conf` and a passwd entry for
+/// the workload's uid.
+fn populate_image(policy: &Policy, root: &str) -> io::Result<()> {
+    let nr = |p: &str| format!("{root}{p}");
+    for d in ["/proc", "/dev", "/tmp", "/etc"] {
+        ensure_dir(&nr(d))?;
+    }
+    let dev = nr("/dev");
+    for d in ["pts", "shm"] {
+        ensure_dir(&format!("{dev}/{d}"))?;
+    }
+    for d in DEVICES {
+        let p = format!("{dev}/{d}");
+        if fs::symlink_metadata(&p).is_ok_and(|m| !m.is_file()) {
+            remove_any(&p)?;
+        }
+        touch(&p)?;
+    }
+    for (target, name) in DEV_LINKS {
+        let p = format!("{dev}/{name}");
+        if fs::symlink_metadata(&p).is_ok() {
+            remove_any(&p)?;
+        }
+        symlink(target, &p).map_err(ctx(format!("symlink {p}")))?;
+    }
+    if policy.fs.sys {
+        ensure_dir(&nr("/sys"))?;
+    }
+    fs::create_dir_all(nr(&policy.fs.workdir))
+        .map_err(ctx(format!("mkdir {}", policy.fs.workdir)))?;
+    for m in &policy.fs.mounts {
+        let dst = nr(&m.dst);
+        if Path::new(&m.src).is_dir() {
+            fs::create_dir_all(&dst).map_err(ctx(format!("mkdir {}", m.dst)))?;
+        } else {
+            if let Some(parent) = Path::new(&dst).parent() {
+                fs::create_dir_all(parent).map_err(ctx(format!("mkdir for {}", m.dst)))?;
+            }
+            touch(&dst)?;
+        }
+    }
+    let etc = nr("/etc");
+    let host = &policy.process.hostname;
+    let write = |name: &str, body: String| {
+        let p = format!("{etc}/{name}");
+        if fs::symlink_metadata(&p).is_ok_and(|m| !m.is_file()) {
+            remove_any(&p)?;
+        }
+        fs::write(&p, body).map_err(ctx(format!("write /etc/{name}")))
+    };
+    write("hostname", format!("{host}\n"))?;
+    write(
+        "hosts",
+        format!(
+            "127.0.0.1\tlocalhost\n127.0.1.1\t{host}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        ),
+    )?;
+    write("resolv.conf", "# no network in this sandbox\n".to_string())?;
+    // The workload's uid gets a name (`whoami`, shells, Python's getpass) if the image has
+    // none for it; its home is the working directory.
+    let (uid, gid) = (policy.process.uid, policy.process.gid);
+    let passwd = fs::read_to_string(format!("{etc}/passwd")).unwrap_or_default();
+    if !passwd
+        .lines()
+        .any(|l| l.split(':').nth(2) == Some(uid.to_string().as_str()))
+    {
+        let mut body = passwd;
+        if !body.is_empty() && !body.ends_with('\n') {
+            body.push('\n');
+        }
+        body.push_str(&format!(
+            "user:x:{uid}:{gid}:sandbox user:{}:/bin/sh\n",
+            policy.fs.workdir
+        ));
+        write("passwd", body)?;
+    }
+    let group = fs::read_to_string(format!("{etc}/group")).unwrap_or_default();
+    if !group
+        .lines()
+        .any(|l| l.split(':').nth(2) == Some(gid.to_string().as_str()))
+    {
+        let mut body = group;
+        if !body.is_empty() && !body.ends_with('\n') {
+            body.push('\n');
+        }
+        body.push_str(&format!("user:x:{gid}:\n"));
+        write("group", body)?;
+    }
+    if let Some(ca) = &policy.network.ca_pem {
+        ensure_dir(&format!("{etc}/ssl"))?;
+        trust_ca(&etc, ca)?;
+    }
+    Ok(())
+}
+
+/// A directory at `p` (an image's symlink or file there is replaced: moat mounts its own).
+fn ensure_dir(p: &str) -> io::Result<()> {
+    match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => {
+            remove_any(p)?;
+            fs::create_dir(p).map_err(ctx(format!("mkdir {p}")))
+        }
+        Err(_) => fs::create_dir_all(p).map_err(ctx(format!("mkdir {p}"))),
+    }
+}
+
+fn remove_any(p: &str) -> io::Result<()> {
+    match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(p),
+        Ok(_) => fs::remove_file(p),
+        Err(_) => Ok(()),
+    }
+    .map_err(ctx(format!("remove {p}")))
 }
 
 /// Switches into the root [`build`] prepared: the host's tree is detached for good.

@@ -7,5 +7,5 @@ pub mod policy;
 pub mod seccomp;
 pub mod units;
 
-pub use policy::{Layer, Mount, Network, NetworkMode, Policy, PolicyError, Tier};
+pub use policy::{ImageRoot, Layer, Mount, Network, NetworkMode, Policy, PolicyError, Tier};
 pub use units::{parse_bytes, parse_duration};

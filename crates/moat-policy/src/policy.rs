@@ -101,6 +101,10 @@ pub struct Limits {
     /// Size of the writable working directory (a tmpfs). Default `256M`.
     #[serde(deserialize_with = "de_bytes", serialize_with = "ser_bytes")]
     pub workdir_size: u64,
+    /// Size of the writable layer over a template's files (`fs.template`): what the sandbox
+    /// may add or change outside `/tmp` and the working directory. Default `1G`.
+    #[serde(deserialize_with = "de_bytes", serialize_with = "ser_bytes")]
+    pub root_size: u64,
 }
 
 impl Default for Limits {
@@ -116,6 +120,7 @@ impl Default for Limits {
             stack: 8 << 20,
             tmp_size: 64 << 20,
             workdir_size: 256 << 20,
+            root_size: 1 << 30,
         }
     }
 }
@@ -135,6 +140,24 @@ pub struct Fs {
     /// Host paths bound into the sandbox, read-only unless `rw = true`. Default: none.
     #[serde(rename = "mount")]
     pub mounts: Vec<Mount>,
+    /// A template (`moat template ls`) whose files are the root: shared read-only by every
+    /// sandbox of it, with a writable layer of the sandbox's own over them
+    /// (`limits.root_size`). Default: none, the host view.
+    pub template: Option<String>,
+    /// Where moat found `template` on the host and what its image says. moat sets this when
+    /// it resolves `template`; a policy or a client that sets it is refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageRoot>,
+}
+
+/// A template's root as moat resolved it (see [`Fs::image`]).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImageRoot {
+    /// The template's root directory on the host (read-only to sandboxes).
+    pub rootfs: String,
+    /// The template's name, for messages.
+    pub name: String,
 }
 
 impl Default for Fs {
@@ -144,6 +167,8 @@ impl Default for Fs {
             workdir: "/work".to_string(),
             sys: false,
             mounts: Vec::new(),
+            template: None,
+            image: None,
         }
     }
 }
@@ -395,6 +420,26 @@ impl Policy {
         }
         if let Some(root) = &self.fs.root {
             check_path("fs.root", root)?;
+            if self.fs.template.is_some() {
+                return Err(invalid(
+                    "fs.template",
+                    "give fs.root or fs.template, not both",
+                ));
+            }
+        }
+        if let Some(t) = &self.fs.template {
+            if t.is_empty() || t.len() > 128 || t.contains("..") {
+                return Err(invalid(
+                    "fs.template",
+                    format!("`{t}` is not a template name: see `moat template ls`"),
+                ));
+            }
+        }
+        if let Some(img) = &self.fs.image {
+            check_path("fs.image.rootfs", &img.rootfs)?;
+        }
+        if l.root_size < 1 << 20 {
+            return Err(invalid("limits.root_size", "must be at least 1M"));
         }
         let mut seen = Vec::new();
         for (i, m) in self.fs.mounts.iter().enumerate() {

@@ -133,3 +133,107 @@ pub fn copy_small_file(src: &str, dst: &str, mode: u32, max: usize) -> std::io::
     }
     Ok(())
 }
+
+/// `lsetxattr(2)`: sets an extended attribute on `path` itself (a symlink is not followed).
+pub fn lsetxattr(path: &std::path::Path, name: &str, value: &[u8]) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in path"))?;
+    let n = cstr(name)?;
+    // SAFETY: `p` and `n` are valid C strings and `value` a live slice of `value.len()` bytes,
+    // all alive for the call's duration.
+    cvt(unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast::<libc::c_void>(),
+            value.len(),
+            0,
+        )
+    })
+    .map(drop)
+}
+
+/// `open_tree(2)` flags and `mount_setattr(2)` attributes (linux/mount.h).
+pub const OPEN_TREE_CLONE: libc::c_uint = 1;
+pub const OPEN_TREE_CLOEXEC: libc::c_uint = libc::O_CLOEXEC as libc::c_uint;
+pub const AT_RECURSIVE: libc::c_uint = 0x8000;
+pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
+pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
+pub const MOUNT_ATTR_NODEV: u64 = 0x4;
+pub const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+/// `struct mount_attr` (linux/mount.h, MOUNT_ATTR_SIZE_VER0).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// `open_tree(AT_FDCWD, path, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC [| AT_RECURSIVE])`: a
+/// detached copy of the mount tree at `path`, as a descriptor that [`mount_setattr`] can
+/// change and [`move_mount_to`] can attach somewhere.
+pub fn open_tree_clone(path: &str, recursive: bool) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let p = cstr(path)?;
+    let flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | if recursive { AT_RECURSIVE } else { 0 };
+    // SAFETY: `p` is a valid C string for the call's duration; the flags are plain integers.
+    let fd =
+        cvt_long(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, p.as_ptr(), flags) })?;
+    // SAFETY: open_tree returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// `mount_setattr(2)` on a detached tree from [`open_tree_clone`]: sets `attr_set` (the
+/// `MOUNT_ATTR_*` flags) on every mount of it; with [`MOUNT_ATTR_IDMAP`], `userns` is the user
+/// namespace whose id mapping the mount applies to the files it shows.
+pub fn mount_setattr(
+    tree: std::os::fd::BorrowedFd<'_>,
+    attr_set: u64,
+    userns: Option<std::os::fd::BorrowedFd<'_>>,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let attr = MountAttr {
+        attr_set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.map_or(0, |u| u.as_raw_fd() as u64),
+    };
+    let empty = c"";
+    // SAFETY: `tree` is a live descriptor, `empty` a valid C string and `attr` a live
+    // `struct mount_attr` whose size is passed with it.
+    cvt_long(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            (libc::AT_EMPTY_PATH as libc::c_uint) | AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    })
+    .map(drop)
+}
+
+/// `move_mount(2)`: attaches the detached tree `tree` (a descriptor from
+/// [`open_tree_clone`], possibly inherited) at `target` in the caller's mount namespace.
+pub fn move_mount_to(tree: std::os::fd::RawFd, target: &str) -> io::Result<()> {
+    let t = cstr(target)?;
+    let empty = c"";
+    // SAFETY: both strings are valid C strings for the call; `tree` is an integer the kernel
+    // checks (a descriptor that is not a mount tree fails with EBADF or EINVAL).
+    cvt_long(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree,
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    })
+    .map(drop)
+}
