@@ -60,6 +60,7 @@ pub mod lifecycle;
 pub mod oneshot;
 pub mod pool;
 pub mod store;
+pub mod templates;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};

@@ -413,6 +413,22 @@ impl Engine {
         policy
             .validate()
             .map_err(|e| EngineError::bad_request(format!("policy: {e}")))?;
+        // A template: its root, environment and user, in the policy the launcher gets.
+        let policy = if policy.fs.template.is_some() || policy.fs.image.is_some() {
+            let state = self.cfg.state_dir.clone();
+            let mut p = policy;
+            let p = tokio::task::spawn_blocking(move || {
+                crate::templates::resolve(&state, &mut p).map(|_| p)
+            })
+            .await
+            .map_err(|e| EngineError::internal(format!("template task: {e}")))?
+            .map_err(EngineError::bad_request)?;
+            policy_json = serde_json::to_value(&p)
+                .map_err(|e| EngineError::internal(format!("encode the policy: {e}")))?;
+            p
+        } else {
+            policy
+        };
         let ttl_s = timeout_s.unwrap_or(self.cfg.default_ttl_s);
         if ttl_s == 0 {
             return Err(EngineError::bad_request("timeout_s must be at least 1"));

@@ -62,6 +62,14 @@ pub fn router(app: Arc<Engine>) -> Router {
         .route("/sandboxes/{id}/files/stat", get(crate::files::stat))
         .route("/sandboxes/{id}/files/mkdir", post(crate::files::mkdir))
         .route("/sandboxes/{id}/files/move", post(crate::files::rename))
+        .route(
+            "/templates",
+            get(crate::templates::list).post(crate::templates::pull),
+        )
+        .route(
+            "/templates/{*name}",
+            get(crate::templates::get).delete(crate::templates::remove),
+        )
         .route("/events", get(all_events))
         .route("/tokens", post(create_token))
         .route("/health", get(health))

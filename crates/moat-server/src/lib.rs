@@ -15,6 +15,7 @@ mod files;
 pub mod http;
 pub mod mcp;
 mod openapi;
+mod templates;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -10,6 +10,7 @@
 mod exec;
 mod files;
 mod keys;
+mod templates;
 pub mod text;
 
 use clap::{Args, Subcommand};
@@ -81,6 +82,12 @@ pub enum Command {
     Key {
         #[command(subcommand)]
         cmd: KeyCmd,
+    },
+    /// Templates: root filesystems from OCI images, in the state directory (run where
+    /// sandboxes run, as their user: `moat run --template`, `moat create --template`).
+    Template {
+        #[command(subcommand)]
+        cmd: templates::TemplateCmd,
     },
 }
 
@@ -197,6 +204,9 @@ pub struct CreateArgs {
     /// environment ($NAME) and sent to the daemon; the sandbox sees a placeholder. Repeatable.
     #[arg(long, value_name = "NAME=HOST,...")]
     pub secret: Vec<String>,
+    /// Use a template's files as the root (`moat template ls` where the daemon runs).
+    #[arg(long, value_name = "NAME")]
+    pub template: Option<String>,
     /// Print the API's JSON.
     #[arg(long)]
     pub json: bool,
@@ -304,6 +314,7 @@ pub fn main(cmd: Command) -> i32 {
         Command::Exec(a) => return exec::exec(*a),
         Command::Shell(a) => return exec::shell(a),
         Command::Key { cmd } => keys::main(cmd),
+        Command::Template { cmd } => templates::main(cmd),
         Command::Create(a) => create(*a),
         Command::Ls(a) => ls(a),
         Command::Rm(a) => rm(a),
@@ -773,6 +784,14 @@ pub fn create_body(a: &CreateArgs, policy_toml: Option<&str>) -> Result<Value> {
             }
             secret_values.insert(name.to_string(), Value::String(value));
         }
+    }
+    if let Some(t) = &a.template {
+        policy
+            .as_object_mut()
+            .map(|p| p.entry("fs").or_insert_with(|| json!({})))
+            .and_then(Value::as_object_mut)
+            .ok_or_else(|| Error::Msg("policy: fs must be a table".into()))?
+            .insert("template".into(), json!(t));
     }
     let has_policy = policy.as_object().is_some_and(|o| !o.is_empty());
     if has_policy {

@@ -84,6 +84,14 @@ struct RunArgs {
     /// Use this host directory as the root, read-only.
     #[arg(long)]
     root: Option<String>,
+    /// Use a template's files as the root (`moat template ls`): shared read-only, with a
+    /// writable layer of this sandbox's own (`limits.root_size`, default 1G).
+    #[arg(long, value_name = "NAME", conflicts_with = "root")]
+    template: Option<String>,
+    /// State directory holding the templates (default: /var/lib/moat as root, else
+    /// $XDG_STATE_HOME/moat or ~/.local/state/moat).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<std::path::PathBuf>,
     /// Mount a read-only /sys.
     #[arg(long)]
     sys: bool,
@@ -158,6 +166,9 @@ fn build_policy(a: &RunArgs) -> Result<Policy> {
     }
     if let Some(r) = &a.root {
         p.fs.root = Some(r.clone());
+    }
+    if let Some(t) = &a.template {
+        p.fs.template = Some(t.clone());
     }
     if a.sys {
         p.fs.sys = true;
@@ -239,10 +250,17 @@ fn cmd_run(a: RunArgs) -> i32 {
         }
         125
     };
-    let policy = match build_policy(&a) {
+    let mut policy = match build_policy(&a) {
         Ok(p) => p,
         Err(e) => return fail(format!("{e:#}")),
     };
+    let state_dir = a
+        .state_dir
+        .clone()
+        .unwrap_or_else(moat_engine::default_state_dir);
+    if let Err(e) = moat_engine::templates::resolve(&state_dir, &mut policy) {
+        return fail(e);
+    }
     // The operator's egress settings are read where a sandbox runs through its agent.
     let operator = if policy.network.mode == moat_policy::NetworkMode::Allowlist
         || policy.tier != moat_policy::Tier::Native

@@ -192,6 +192,10 @@ fn mountinfo_has_no_pivot_root_leftovers_or_host_paths() {
             mp == format!("/dev{root}") || (root == "/null" && mp.starts_with("/proc/"))
         } else if fstype == "proc" {
             mp == format!("/proc{root}")
+        } else if fstype == "tmpfs" && root == "/tmp" {
+            // A masked /proc directory: the root tmpfs's own empty /tmp (under the sandbox's
+            // /tmp mount), bound read-only.
+            mp.starts_with("/proc/") && opts.split(',').any(|o| o == "ro")
         } else {
             root == mp && host_bind_allowed(mp)
         };

@@ -18,3 +18,4 @@ mod sdk_typescript;
 mod server;
 mod server_attacks;
 mod teardown;
+mod templates;

@@ -1,0 +1,5 @@
+//! moat-image's integration tests: one binary (see DESIGN.md), the suites under `suite/`.
+
+#![allow(clippy::unwrap_used)]
+
+mod suite;

@@ -1,0 +1,4 @@
+mod fake_registry;
+mod import;
+mod registry;
+mod support;
