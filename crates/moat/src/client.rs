@@ -444,6 +444,9 @@ impl Client {
             })?;
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            // The daemon never redirects; following one could leave plain http for a TLS
+            // host this client is not set up for.
+            .max_redirects(0)
             .user_agent(concat!("moat-cli/", env!("CARGO_PKG_VERSION")))
             .build()
             .new_agent();

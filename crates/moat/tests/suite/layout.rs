@@ -51,7 +51,7 @@ const LAYERS: &[&[&str]] = &[
     &["moat-proto"],
     &["moat-agent"],
     &["moat-tls"],
-    &["moat-egress", "moat-backend"],
+    &["moat-egress", "moat-backend", "moat-image"],
     &["moat-engine"],
     &["moat-server"],
     &["moat"],
