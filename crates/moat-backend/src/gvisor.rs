@@ -963,14 +963,9 @@ fn build_etc(policy: &Policy, etc: &Path) -> Result<Vec<oci::Mount>, RunError> {
         "group",
         format!("root:x:0:\ntty:x:5:\nuser:x:{gid}:\nnogroup:x:65534:\n"),
     )?;
-    write("hostname", format!("{host}\n"))?;
-    write(
-        "hosts",
-        format!(
-            "127.0.0.1\tlocalhost\n127.0.1.1\t{host}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-        ),
-    )?;
-    write("resolv.conf", "# no network in this sandbox\n".to_string())?;
+    for (name, body) in rootfs::host_files(host) {
+        write(name, body)?;
+    }
     Ok(binds)
 }
 
@@ -1031,16 +1026,7 @@ fn build_spec(
             let etc = bundle.join("etc");
             mkdir(&etc, 0o755)?;
             let host = &policy.process.hostname;
-            for (name, body) in [
-                ("hostname", format!("{host}\n")),
-                (
-                    "hosts",
-                    format!(
-                        "127.0.0.1\tlocalhost\n127.0.1.1\t{host}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-                    ),
-                ),
-                ("resolv.conf", "# no network in this sandbox\n".to_string()),
-            ] {
+            for (name, body) in rootfs::host_files(host) {
                 let f = etc.join(name);
                 fs::write(&f, body).map_err(io_ctx(format!("write {}", f.display())))?;
                 mounts.push(mount(

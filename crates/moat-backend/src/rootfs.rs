@@ -419,42 +419,20 @@ fn populate_image(policy: &Policy, root: &str) -> io::Result<()> {
         }
         fs::write(&p, body).map_err(ctx(format!("write /etc/{name}")))
     };
-    write("hostname", format!("{host}\n"))?;
-    write(
-        "hosts",
-        format!(
-            "127.0.0.1\tlocalhost\n127.0.1.1\t{host}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-        ),
-    )?;
-    write("resolv.conf", "# no network in this sandbox\n".to_string())?;
+    for (name, body) in host_files(host) {
+        write(name, body)?;
+    }
     // The workload's uid gets a name (`whoami`, shells, Python's getpass) if the image has
     // none for it; its home is the working directory.
     let (uid, gid) = (policy.process.uid, policy.process.gid);
-    let passwd = fs::read_to_string(format!("{etc}/passwd")).unwrap_or_default();
-    if !passwd
-        .lines()
-        .any(|l| l.split(':').nth(2) == Some(uid.to_string().as_str()))
-    {
-        let mut body = passwd;
-        if !body.is_empty() && !body.ends_with('\n') {
-            body.push('\n');
-        }
-        body.push_str(&format!(
-            "user:x:{uid}:{gid}:sandbox user:{}:/bin/sh\n",
-            policy.fs.workdir
-        ));
+    let line = format!(
+        "user:x:{uid}:{gid}:sandbox user:{}:/bin/sh",
+        policy.fs.workdir
+    );
+    if let Some(body) = with_id(&etc, "passwd", uid, &line) {
         write("passwd", body)?;
     }
-    let group = fs::read_to_string(format!("{etc}/group")).unwrap_or_default();
-    if !group
-        .lines()
-        .any(|l| l.split(':').nth(2) == Some(gid.to_string().as_str()))
-    {
-        let mut body = group;
-        if !body.is_empty() && !body.ends_with('\n') {
-            body.push('\n');
-        }
-        body.push_str(&format!("user:x:{gid}:\n"));
+    if let Some(body) = with_id(&etc, "group", gid, &format!("user:x:{gid}:")) {
         write("group", body)?;
     }
     if let Some(ca) = &policy.network.ca_pem {
@@ -462,6 +440,25 @@ fn populate_image(policy: &Policy, root: &str) -> io::Result<()> {
         trust_ca(&etc, ca)?;
     }
     Ok(())
+}
+
+/// The image's `/etc/{file}` with `line` added when no entry has id `id` (the third field);
+/// `None` when one has.
+fn with_id(etc: &str, file: &str, id: u32, line: &str) -> Option<String> {
+    let mut body = fs::read_to_string(format!("{etc}/{file}")).unwrap_or_default();
+    let id = id.to_string();
+    if body
+        .lines()
+        .any(|l| l.split(':').nth(2) == Some(id.as_str()))
+    {
+        return None;
+    }
+    if !body.is_empty() && !body.ends_with('\n') {
+        body.push('\n');
+    }
+    body.push_str(line);
+    body.push('\n');
+    Some(body)
 }
 
 /// A directory at `p` (an image's symlink or file there is replaced: moat mounts its own).
@@ -724,12 +721,23 @@ fn fill_etc(policy: &Policy, etc: &str) -> io::Result<()> {
         "group",
         format!("root:x:0:\ntty:x:5:\nuser:x:{gid}:\nnogroup:x:65534:\n"),
     )?;
-    write("hostname", format!("{host}\n"))?;
-    write(
-        "hosts",
-        format!(
-            "127.0.0.1\tlocalhost\n127.0.1.1\t{host}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+    for (name, body) in host_files(host) {
+        write(name, body)?;
+    }
+    Ok(())
+}
+
+/// The `/etc` files that name the sandbox's host and its (absent) network, every tier alike:
+/// (name, contents).
+pub(crate) fn host_files(host: &str) -> [(&'static str, String); 3] {
+    [
+        ("hostname", format!("{host}\n")),
+        (
+            "hosts",
+            format!(
+                "127.0.0.1\tlocalhost\n127.0.1.1\t{host}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+            ),
         ),
-    )?;
-    write("resolv.conf", "# no network in this sandbox\n".to_string())
+        ("resolv.conf", "# no network in this sandbox\n".to_string()),
+    ]
 }
